@@ -1,0 +1,61 @@
+"""Where a layer's experts run: the small interface the MoE layer talks to, and its local form.
+
+Shape legend: T tokens, K experts per token, N sorted token-expert pairs, S slots, D hidden.
+
+The MoE layer (serving/runner.py) asks a pool two things per layer: which physical slot serves each
+token-expert pair (`assign`), and the expert outputs for pairs already grouped by slot (`compute`).
+`LocalExpertPool` keeps one slot per logical expert in this process; the Ray pool keeps copies of
+experts on ExpertShard actors and answers the same two questions.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from experts.checkpoint import Checkpoint
+from experts.ffn import ExpertWeights, grouped_swiglu
+from router.dispatch import Dispatch
+from router.gating import Gating
+
+
+class ExpertPool(Protocol):
+    def num_slots(self, layer: int) -> int:
+        """Physical slots of this layer (slot ids are 0..S-1)."""
+        ...
+
+    def assign(self, layer: int, gating: Gating) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gating of T tokens -> (slots [T, K] with -1 for a dropped pair, weights [T, K])."""
+        ...
+
+    def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """x [N, D] pairs grouped by slot as in `dispatch` -> expert outputs [N, D], same order."""
+        ...
+
+
+class LocalExpertPool:
+    """Every logical expert once, in this process: slot id == expert id."""
+
+    def __init__(self, layers: list[ExpertWeights]) -> None:
+        self.layers = layers
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
+    ) -> LocalExpertPool:
+        c = ckpt.config
+        layers = [
+            ExpertWeights.stack([ckpt.expert(layer, e, dtype) for e in range(c.num_local_experts)])
+            for layer in range(c.num_hidden_layers)
+        ]
+        return cls([w.to(device) for w in layers])
+
+    def num_slots(self, layer: int) -> int:
+        return self.layers[layer].num_experts
+
+    def assign(self, layer: int, gating: Gating) -> tuple[torch.Tensor, torch.Tensor]:
+        return gating.experts, gating.weights
+
+    def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        return grouped_swiglu(x, dispatch.counts, self.layers[layer])

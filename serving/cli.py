@@ -1,0 +1,51 @@
+"""`moe-serve`: one entry point, one subcommand per job.
+
+Each subcommand lives beside the concept it drives and registers itself through
+`add_subcommand(subparsers)`, setting `func(args) -> int`. A `UserError` anywhere becomes one line on
+stderr and exit status 2, so a user never sees a traceback for a mistake of theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from serving.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-serve",
+        description="Serve top-2 Mixture-of-Experts models on Ray, honestly measured.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Imported here so that `moe-serve --help` stays fast and one broken subcommand is visible.
+    from serving import generate_cmd
+
+    generate_cmd.add_subcommand(sub)
+    for name in ("serving.plan_cmd", "serving.balance_cmd"):
+        try:
+            module = __import__(name, fromlist=["add_subcommand"])
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_subcommand(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
