@@ -1,0 +1,295 @@
+"""`moe-serve plan`: load a model and a hardware description, run the planner, print the report.
+
+Models: a YAML in configs/models/ (ModelSpec fields, Hugging Face names), a Hugging Face
+`config.json` (or a checkpoint directory holding one), or a bare name such as `seed-4b`.
+Hardware: a YAML in configs/hardware/, a bare name such as `h200`, or `cpu`, measured on the spot.
+Every mistake in a file or flag becomes one UserError line that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from serving import capacity
+from serving.capacity import HardwareSpec, ModelSpec, Plan, PlanOptions
+from serving.errors import UserError
+
+# Flags whose names differ from the PlanOptions field they set, for error messages.
+FLAGS = {
+    "target_tokens_per_ms": "--target",
+    "aggregate_target_tokens_per_ms": "--aggregate-target",
+}
+
+
+def validate(cls: type[BaseModel], data: dict, source: str) -> BaseModel:
+    """Build a pydantic model; its first error becomes one line naming the source and field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        msg = {"Field required": "missing (required field)"}.get(msg, msg)
+        msg = {"Extra inputs are not permitted": "unknown field"}.get(msg, msg)
+        raise UserError(f"{source}: {field + ': ' if field else ''}{msg}") from None
+
+
+def _config_dirs(kind: str) -> list[Path]:
+    """configs/<kind>/ under the working directory, then beside this package (a source checkout)."""
+    return [Path.cwd() / "configs" / kind, Path(__file__).resolve().parents[1] / "configs" / kind]
+
+
+def _resolve(arg: str, kind: str, flag: str) -> Path:
+    path = Path(arg).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    if path.is_file():
+        return path
+    for folder in _config_dirs(kind):
+        if "/" not in arg and (folder / f"{arg}.yaml").is_file():
+            return folder / f"{arg}.yaml"
+    known = sorted({p.stem for d in _config_dirs(kind) if d.is_dir() for p in d.glob("*.yaml")})
+    extra = ", cpu" if kind == "hardware" else ""
+    raise UserError(f"{flag} {arg}: no such file or known name (known: {', '.join(known)}{extra})")
+
+
+def _read_mapping(path: Path) -> dict:
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: cannot read ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of fields")
+    return data
+
+
+def load_model_spec(arg: str) -> ModelSpec:
+    """A model YAML, a Hugging Face Mixtral config.json (or its directory), or a bare name."""
+    path = _resolve(arg, "models", "--model")
+    data = _read_mapping(path)
+    if path.suffix == ".json" or "model_type" in data:
+        # A Hugging Face config: Mixtral only; keep the fields the planner uses, ignore the rest.
+        if data.get("model_type") != "mixtral":
+            raise UserError(f"{path}: model_type: {data.get('model_type')!r}, expected 'mixtral'")
+        name = data.get("_name_or_path") or path.parent.name
+        keys = set(ModelSpec.model_fields) - {"name", "active_params", "total_params"}
+        data = {k: v for k, v in data.items() if k in keys} | {"name": name}
+    data.setdefault("name", path.stem)
+    return validate(ModelSpec, data, str(path))
+
+
+def load_hardware_spec(arg: str, seconds: float = 2.0) -> HardwareSpec:
+    """A hardware YAML or bare name; `cpu` is measured here and now."""
+    if arg == "cpu":
+        return measure_cpu(seconds)
+    path = _resolve(arg, "hardware", "--hardware")
+    data = _read_mapping(path)
+    data.setdefault("name", path.stem)
+    return validate(HardwareSpec, data, str(path))
+
+
+def _rate(step: Callable[[], object], work: float, seconds: float) -> float:
+    """Work units per second of `step`, repeated for about `seconds` after one warm-up."""
+    step()
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or count == 0:
+        step()
+        count += 1
+    return work * count / elapsed
+
+
+def measure_cpu(seconds: float = 2.0) -> HardwareSpec:
+    """This machine as a 'GPU': fp32 matmul FLOP/s and copy bandwidth, measured for `seconds`."""
+    import torch  # here, so that `moe-serve plan` on a YAML never pays for importing torch
+
+    # 1. Dense fp32 GEMM rate: what the CPU's kernels reach, the analogue of a measured GPU peak.
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    flops = _rate(lambda: torch.mm(a, b), 2.0 * n**3, seconds / 2)
+    # 2. Memory bandwidth: a 64 MB copy reads and writes every byte once.
+    src = torch.empty(16 * 2**20)
+    dst = torch.empty_like(src)
+    bandwidth = _rate(lambda: dst.copy_(src), 2.0 * src.nbytes, seconds / 2) / 1e9
+    # 3. Capacity: physical memory. One process is one "node": links are memory copies.
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return HardwareSpec(
+        name="cpu",
+        peak_flops=flops,  # no spec figure for a CPU: the measured rate stands in
+        measured_flops=flops,
+        flops_dtype="fp32",
+        hbm_gb=ram_gb,
+        hbm_bandwidth_gb_s=bandwidth,
+        measured_hbm_bandwidth_gb_s=bandwidth,
+        intra_node_gb_s=bandwidth,
+        inter_node_gb_s=bandwidth,
+        gpus_per_node=1,
+    )
+
+
+def _factor(text: str) -> float | str:
+    return "derived" if text == "derived" else float(text)
+
+
+def _options(args: argparse.Namespace) -> PlanOptions:
+    try:
+        seq_lens = tuple(int(s) for s in args.seq_lens.split(","))
+    except ValueError:
+        raise UserError(f"--seq-lens {args.seq_lens}: expected integers, e.g. 128,512") from None
+    claims = []
+    for claim in args.claim:
+        name, _, tokens = claim.rpartition("=")
+        try:
+            claims.append((name or "claim", float(tokens)))
+        except ValueError:
+            raise UserError(f"--claim {claim}: expected NAME=TOKENS_PER_MS") from None
+    losses = ("communication", "load_imbalance", "pipeline_bubbles")
+    data = {k: getattr(args, k) for k in ("gpus", "ep", "pp", "micro_batches", "batch", "cv")}
+    data |= {"target_tokens_per_ms": args.target, "seq_lens": seq_lens, "claims": tuple(claims)}
+    data["aggregate_target_tokens_per_ms"] = args.aggregate_target
+    # --derive first, so that a factor given by its own flag still wins; unset flags keep
+    # PlanOptions' defaults (the seed's factors): the library owns them.
+    data |= dict.fromkeys(losses, "derived") if args.derive else {}
+    data |= {k: v for k in ("overlap", "kernel", *losses) if (v := getattr(args, k)) is not None}
+    try:
+        return PlanOptions.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        flag = FLAGS.get(field, "--" + field.replace("_", "-")) if field else "options"
+        raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def render(plan: Plan, markdown: bool = False) -> str:
+    """The report: summary, factors, phases, memory, proof and formulas; text or Markdown."""
+    factors = [
+        (k, f"{v:.3f}", plan.efficiency_factor_sources[k]) for k, v in plan.efficiency_factors
+    ]
+    memory_title = f"memory per GPU, batch {plan.options.batch}, ep {plan.options.ep}:"
+    lines = [f"{'# ' if markdown else ''}Capacity plan: {plan.model} on {plan.hardware}", ""]
+    lines += _table(("figure", "value"), _summary_rows(plan), markdown)
+    lines += ["", *_table(("factor", "value", "source"), factors, markdown)]
+    head = ("phase", "tokens/ms", "feasible", "conditions")
+    lines += ["", *_table(head, _phase_rows(plan, markdown), markdown)]
+    head = ("seq_len", "weights GB", "KV GB", "activations GB", "total GB", "ckpt", "max batch")
+    lines += ["", memory_title, *([""] if markdown else [])]
+    lines += _table(head, _memory_rows(plan), markdown)
+    for title, body in (("proof", plan.proof), ("formulas", formulas())):
+        lines += ["", f"## {title}" if markdown else f"{title}:"]
+        lines += ["```", *body, "```"] if markdown else [f"  {line}" for line in body]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_rows(plan: Plan) -> list[tuple]:
+    peak = f"{plan.peak_flops_used / 1e12:.4g} TFLOP/s ({plan.peak_source})"
+    rows = [
+        ("peak used", peak),
+        ("ceiling", f"{plan.ceiling_tokens_per_ms:.1f} tokens/ms per GPU"),
+        ("efficiency", f"{plan.efficiency:.3f}"),
+        ("realistic", f"{plan.realistic_tokens_per_ms:.1f} tokens/ms per GPU"),
+    ]
+    if plan.target_tokens_per_ms is not None:
+        verdict = "feasible" if plan.feasible else "INFEASIBLE"
+        needs = f"{plan.required_efficiency:.0%} efficiency, {plan.required_scaling:.2f}x realistic"
+        rows += [
+            ("target", f"{plan.target_tokens_per_ms:.1f} tokens/ms per GPU: {verdict}"),
+            ("needs", needs),
+            ("risk", plan.risk),
+        ]
+    if plan.gpus_needed is not None:
+        rows.append(("GPUs needed", str(plan.gpus_needed)))
+    return rows
+
+
+def _phase_rows(plan: Plan, markdown: bool) -> list[tuple]:
+    rows = []
+    for p in plan.phases:
+        # Text puts each condition on its own line; a Markdown cell holds them all.
+        conditions = ["; ".join(p.conditions)] if markdown else list(p.conditions) or [""]
+        feasible = "yes" if p.feasible else "NO"
+        rows.append((p.name, f"{p.tokens_per_ms:.1f}", feasible, conditions[0]))
+        rows += [("", "", "", c) for c in conditions[1:]]
+    return rows
+
+
+def _memory_rows(plan: Plan) -> list[tuple]:
+    return [
+        (m.seq_len, *(f"{x:.2f}" for x in (m.weights_gb, m.kv_cache_gb, m.activations_gb)),
+         f"{m.total_gb:.2f}", "yes" if m.checkpointing else "no", m.max_batch)
+        for m in plan.memory
+    ]  # fmt: skip
+
+
+def _table(headers: tuple, rows: list[tuple], markdown: bool) -> list[str]:
+    cells = [tuple(str(c) for c in headers)] + [tuple(str(c) for c in r) for r in rows]
+    if markdown:
+        rule = "|" + "|".join("---" for _ in headers) + "|"
+        out = ["| " + " | ".join(r) + " |" for r in cells]
+        return out[:1] + [rule] + out[1:]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+
+
+def formulas() -> list[str]:
+    """The formulas section of serving/capacity.py's docstring: one source for code and report."""
+    lines = capacity.__doc__.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("Formulas"))
+    return [line.rstrip() for line in lines[first + 1 :] if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model_spec(args.model)
+    hardware = load_hardware_spec(args.hardware)
+    result = capacity.plan(model, hardware, _options(args))
+    if args.markdown:
+        try:
+            Path(args.markdown).write_text(render(result, markdown=True))
+        except OSError as exc:
+            raise UserError(f"--markdown {args.markdown}: cannot write ({exc.strerror})") from None
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json") | {"formulas": formulas()}, indent=2))
+    else:
+        print(render(result), end="")
+    return 0
+
+
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    """Register `moe-serve plan` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "plan",
+        help="derive ceiling, efficiency, memory and phased targets, with proof",
+        description="Derive what a model can do per GPU on given hardware, and prove it.",
+    )
+    p.add_argument("--model", required=True, help="model YAML, config.json or name (seed-4b)")
+    p.add_argument("--hardware", required=True, help="hardware YAML or name (h200), or cpu")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--target", type=float, help="target tokens/ms per GPU")
+    goal.add_argument("--aggregate-target", type=float, help="target tokens/ms for all GPUs")
+    p.add_argument("--gpus", type=int, help="GPUs sharing --aggregate-target")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches (default 1)")
+    p.add_argument("--seq-lens", default="128,512,2048,4096,10240", help="comma-separated")
+    p.add_argument("--batch", type=int, default=1, help="sequences per GPU (default 1)")
+    p.add_argument("--cv", type=float, default=0.15, help="load CV across shards (0.15)")
+    p.add_argument("--overlap", type=float, help="fraction of all-to-all hidden (default 0)")
+    p.add_argument("--kernel", type=float, help="kernel efficiency (default 0.90, the seed's)")
+    for name, seed in (
+        ("communication", 0.42),
+        ("load-imbalance", 0.12),
+        ("pipeline-bubbles", 0.18),
+    ):
+        p.add_argument(f"--{name}", type=_factor, help=f"loss or 'derived' (default {seed})")
+    p.add_argument("--derive", action="store_true", help="derive all three losses (F4-F6)")
+    p.add_argument("--claim", action="append", default=[], help="NAME=TOKENS_PER_MS to check")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
+    p.set_defaults(func=run)
