@@ -123,7 +123,7 @@ def test_hugging_face_config_json(tmp_path):
     config = {
         "model_type": "mixtral",
         "architectures": ["MixtralForCausalLM"],
-        "vocab_size": 512,
+        "vocab_size": 510,  # as configs/models/tiny.yaml and the demo
         "hidden_size": 128,
         "intermediate_size": 256,
         "num_hidden_layers": 4,
