@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from experts.checkpoint import Checkpoint
 from experts.pool import LocalExpertPool
+from serving.errors import UserError
 from serving.model import MixtralModel
 
 
@@ -15,14 +17,49 @@ def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    expert_shards: int = 0,
+    redundant_experts: int = 0,
+    **pool_options: Any,
 ) -> MixtralModel:
     """Load a Hugging Face Mixtral checkpoint directory (config.json + safetensors).
 
     Returns a module: `model(input_ids [B, S]) -> logits [B, S, vocab]`.
+    expert_shards=0 keeps every expert in this process. expert_shards=N > 0 places the experts on N
+    ExpertShard Ray actors (starting a local Ray if none is running), with `redundant_experts`
+    extra copies of the hottest experts, copies of one expert on different shards. Extra keyword
+    arguments go to RayExpertPool (balancer, call_timeout_s, ...).
     """
+    if expert_shards < 0 or redundant_experts < 0:
+        raise UserError("expert_shards and redundant_experts must be >= 0")
+    if redundant_experts and not expert_shards:
+        raise UserError("redundant_experts needs expert_shards > 0 (copies live on shards)")
     ckpt = Checkpoint(path)
     try:
-        pool = LocalExpertPool.from_checkpoint(ckpt, dtype, device)
+        if expert_shards:
+            pool = _ray_pool(
+                ckpt, dtype, str(device), expert_shards, redundant_experts, pool_options
+            )
+        else:
+            pool = LocalExpertPool.from_checkpoint(ckpt, dtype, device)
         return MixtralModel.from_checkpoint(ckpt, pool, dtype, device).eval()
     finally:
         ckpt.close()
+
+
+def _ray_pool(ckpt: Checkpoint, dtype, device: str, shards: int, redundant: int, options: dict):
+    import ray
+
+    from experts.ray_pool import RayExpertPool
+
+    experts = ckpt.config.num_local_experts
+    if redundant > experts * (shards - 1):
+        raise UserError(
+            f"redundant_experts={redundant} is more than {shards} shards can hold apart "
+            f"(at most {experts * (shards - 1)}: copies of one expert go to different shards)"
+        )
+    if not ray.is_initialized():
+        # Never expose Ray's dashboard from a library call; join RAY_ADDRESS if one is set.
+        ray.init(include_dashboard=False, configure_logging=False)
+    return RayExpertPool(
+        str(ckpt.path), ckpt.config, shards, redundant, dtype=dtype, device=device, **options
+    )

@@ -119,6 +119,12 @@ class MixtralModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
+    def close(self) -> None:
+        """Release what the expert pool holds outside this process (Ray actors), if anything."""
+        shutdown = getattr(self.pool, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 

@@ -1,0 +1,283 @@
+"""The Ray expert pool: experts on ExpertShard actors, behind the same interface as the local pool.
+
+Shape legend: T tokens, K top-k, N sorted pairs, P physical slots, D hidden, L layers, E experts.
+
+Per layer the balancer maps each token-expert pair to a physical slot; slots are numbered shard by
+shard, so after dispatch each shard's rows are one contiguous range. The pool sends each shard with
+work its range (one concurrent call per shard), and concatenates the answers in shard order.
+
+Failure: a call that raises or outlives `call_timeout_s` marks its shard dead; its rows are
+recomputed at once on surviving copies of the same experts (outputs are unchanged), and a
+replacement actor is started and loaded in the background. Only when some expert has no live copy
+does the call fail, fast, with ExpertUnavailableError.
+
+Rebalancing: `rebalance()` computes a new placement from the balancer's load window, loads it on
+every shard beside the serving one (shards run two threads), and switches at the start of the next
+batch (layer 0); the old version is freed after the switch. No call waits on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayError
+
+from experts.checkpoint import MixtralConfig
+from experts.shard import ExpertShard, from_numpy, to_numpy
+from router.balancer import ExpertLoadBalancer
+from router.dispatch import Dispatch
+from router.gating import Gating
+from router.placement import Placement, initial_placement, place_layers
+
+log = logging.getLogger(__name__)
+
+
+class ExpertUnavailableError(RuntimeError):
+    """An expert has no live copy: requests needing it fail fast until its shard is back."""
+
+
+# The one thin Ray wrapper: two threads, so a background `prepare` never blocks `compute`.
+RemoteShard = ray.remote(max_concurrency=2)(ExpertShard)
+
+
+class RayExpertPool:
+    """Experts of every layer on `num_shards` ExpertShard actors, `redundant` extra copies."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        config: MixtralConfig,
+        num_shards: int,
+        redundant: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        balancer: ExpertLoadBalancer | None = None,
+        call_timeout_s: float = 30.0,
+        load_timeout_s: float = 600.0,
+    ) -> None:
+        self.checkpoint, self.config = checkpoint, config
+        self.dtype, self.device = dtype, device
+        self.num_shards, self.redundant = num_shards, redundant
+        self.call_timeout_s, self.load_timeout_s = call_timeout_s, load_timeout_s
+        first = initial_placement(config.num_local_experts, num_shards, redundant)
+        self.balancer = balancer or ExpertLoadBalancer([first] * config.num_hidden_layers)
+        self.version = 0
+        self._dead: set[int] = set()
+        self._lock = threading.Lock()
+        # A prepared rebalance: (version, placements, the actors that loaded it).
+        self._pending: tuple[int, list[Placement], list] | None = None
+        self._replacing: set[int] = set()
+        self.events: list[str] = []  # what happened, newest last (failures, switches)
+        self.shards = [self._start_actor() for _ in range(num_shards)]
+        self._load_all(self.version, self.placements())
+
+    # -- the ExpertPool interface ----------------------------------------------------------------
+
+    def num_slots(self, layer: int) -> int:
+        return self.balancer.placement(layer).num_slots
+
+    def assign(self, layer: int, gating: Gating) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == 0:
+            self._switch_if_ready()  # between two batches: every layer of a batch sees one version
+        a = self.balancer.assign(layer, gating.experts, gating.weights, gating.probs)
+        return a.slots, a.weights
+
+    def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """x [N, D] grouped by slot -> [N, D]; one concurrent call per shard with rows."""
+        placement, version = self.balancer.placement(layer), self.version
+        ranges = self._shard_ranges(placement)
+        bounds = torch.cumsum(dispatch.counts, 0).tolist()
+        calls = {}
+        for shard, (first, last) in enumerate(ranges):
+            start, end = (bounds[first - 1] if first else 0), (bounds[last - 1] if last else 0)
+            if end > start and shard not in self._dead:
+                counts = dispatch.counts[first:last].numpy()
+                ref = self.shards[shard].compute.remote(
+                    version, layer, to_numpy(x[start:end]), counts
+                )
+                calls[shard] = (start, end, ref)
+        out = torch.empty_like(x)
+        failed = self._collect(calls, out)
+        for shard, (first, last) in enumerate(ranges):
+            start, end = (bounds[first - 1] if first else 0), (bounds[last - 1] if last else 0)
+            if end > start and (shard in failed or shard not in calls):
+                out[start:end] = self._redirect(layer, version, placement, first, last,
+                                                dispatch.counts, x[start:end])  # fmt: skip
+        return out
+
+    # -- transport -----------------------------------------------------------------------------
+
+    def _collect(self, calls: dict, out: torch.Tensor) -> set[int]:
+        """Wait for every call (bounded by the timeout); fill `out`; return the shards that failed."""
+        failed = set()
+        deadline = time.monotonic() + self.call_timeout_s
+        for shard, (start, end, ref) in calls.items():
+            try:
+                y = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                out[start:end] = from_numpy(y, self.dtype, out.device)
+            except (GetTimeoutError, RayError) as exc:
+                failed.add(shard)
+                self._mark_dead(shard, exc)
+        return failed
+
+    def _redirect(self, layer, version, placement, first, last, counts, x) -> torch.Tensor:
+        """Rows of dead slots first..last-1, recomputed on live copies of the same experts."""
+        seg_counts = counts[first:last]
+        slot_of_row = torch.repeat_interleave(torch.arange(first, last), seg_counts)  # [n]
+        alternative = self._live_alternative(layer, placement)  # [P]
+        target = alternative[slot_of_row]  # [n] a live slot holding the same expert
+        order = torch.argsort(target, stable=True)
+        y = torch.empty_like(x)
+        ranges = self._shard_ranges(placement)
+        for shard, (lo, hi) in enumerate(ranges):
+            rows = order[(target[order] >= lo) & (target[order] < hi)]
+            if rows.numel() == 0:
+                continue
+            local = torch.bincount(target[rows] - lo, minlength=hi - lo).numpy()
+            ref = self.shards[shard].compute.remote(version, layer, to_numpy(x[rows]), local)
+            try:
+                y[rows] = from_numpy(
+                    ray.get(ref, timeout=self.call_timeout_s), self.dtype, x.device
+                )
+            except (GetTimeoutError, RayError) as exc:
+                self._mark_dead(shard, exc)
+                raise ExpertUnavailableError(
+                    f"layer {layer}: shard {shard} failed while covering for another; retry shortly"
+                ) from exc
+        return y
+
+    def _live_alternative(self, layer: int, placement: Placement) -> torch.Tensor:
+        """[P] for each slot, a slot of the same expert on a live shard (itself if live)."""
+        alt = torch.arange(placement.num_slots)
+        dead = set(self._dead)
+        for slot in range(placement.num_slots):
+            if int(placement.slot_shard[slot]) not in dead:
+                continue
+            expert = int(placement.phy2log[slot])
+            live = [
+                s for s in placement.slots_of(expert) if int(placement.slot_shard[s]) not in dead
+            ]
+            if not live:
+                raise ExpertUnavailableError(
+                    f"expert {expert} of layer {layer} has no live copy (shard "
+                    f"{int(placement.slot_shard[slot])} is down and being replaced); retry shortly"
+                )
+            alt[slot] = live[slot % len(live)]
+        return alt
+
+    # -- placement and shard lifecycle ---------------------------------------------------------
+
+    def placements(self) -> list[Placement]:
+        return [self.balancer.placement(layer) for layer in range(self.balancer.num_layers)]
+
+    @staticmethod
+    def _shard_ranges(placement: Placement) -> list[tuple[int, int]]:
+        """[first, last) slot range of each shard (slots are numbered shard by shard)."""
+        sizes = placement.slots_per_shard()
+        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        return [(starts[s], starts[s + 1]) for s in range(len(sizes))]
+
+    def _start_actor(self):
+        options = {"num_gpus": 1} if self.device.startswith("cuda") else {"num_cpus": 1}
+        device = "cuda" if self.device.startswith("cuda") else self.device
+        dtype = str(self.dtype).removeprefix("torch.")
+        return RemoteShard.options(**options).remote(self.checkpoint, dtype, device)
+
+    @staticmethod
+    def _layer_experts(placements: list[Placement], shard: int) -> list[list[int]]:
+        return [[int(p.phy2log[s]) for s in p.shard_slots(shard)] for p in placements]
+
+    def _load_all(self, version: int, placements: list[Placement]) -> None:
+        refs = [a.prepare.remote(version, self._layer_experts(placements, s))
+                for s, a in enumerate(self.shards) if s not in self._dead]  # fmt: skip
+        ray.get(refs, timeout=self.load_timeout_s)
+
+    def _mark_dead(self, shard: int, exc: BaseException) -> None:
+        with self._lock:
+            if shard in self._dead:
+                return
+            self._dead.add(shard)
+        self.events.append(f"shard {shard} failed: {type(exc).__name__}")
+        log.warning(
+            "expert shard %d failed (%s); serving from other copies, replacing it", shard, exc
+        )
+        try:
+            ray.kill(self.shards[shard])  # a hung actor would otherwise hold its resources
+        except Exception:  # already gone
+            pass
+        threading.Thread(target=self._replace, args=(shard,), daemon=True).start()
+
+    def _replace(self, shard: int) -> None:
+        """Start a new actor for `shard`, load its slots for the serving version, put it in."""
+        while True:
+            try:
+                version, placements = self.version, self.placements()
+                actor = self._start_actor()
+                ray.get(actor.prepare.remote(version, self._layer_experts(placements, shard)),
+                        timeout=self.load_timeout_s)  # fmt: skip
+                with self._lock:
+                    if version != self.version:  # a switch happened meanwhile: load again
+                        ray.kill(actor)
+                        continue
+                    self.shards[shard] = actor
+                    self._dead.discard(shard)
+                self.events.append(f"shard {shard} replaced")
+                log.info("expert shard %d replaced", shard)
+                return
+            except Exception as exc:  # keep trying: a replacement must never stop for good
+                log.warning("replacing expert shard %d failed (%s); retrying", shard, exc)
+                time.sleep(1.0)
+
+    def rebalance(self, wait: bool = False) -> threading.Thread:
+        """Compute a placement from the load window, load it beside the serving one, then switch
+        at the next batch. Returns the loading thread (joined first when wait=True)."""
+        thread = threading.Thread(target=self._prepare_rebalance, daemon=True)
+        thread.start()
+        if wait:
+            thread.join()
+        return thread
+
+    def _prepare_rebalance(self) -> None:
+        try:
+            tokens = self.balancer.tokens_per_expert()  # [L, E]
+            placements = place_layers(tokens, self.num_shards, self.redundant)
+            version = self.version + 1
+            actors = list(self.shards)
+            self._load_all(version, placements)
+            with self._lock:
+                self._pending = (version, placements, actors)
+        except Exception as exc:  # a failed rebalance leaves the serving placement in place
+            log.warning("rebalance failed: %s", exc)
+            self.events.append(f"rebalance failed: {type(exc).__name__}")
+
+    def _switch_if_ready(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        version, placements, actors = pending
+        if any(a is not b for a, b in zip(actors, self.shards, strict=True)) or self._dead:
+            # A shard was lost or replaced while the new placement loaded: it lacks the new
+            # version, so keep serving the old one (the next rebalance will try again).
+            self.events.append(f"placement version {version} abandoned: a shard changed")
+            return
+        old = self.version
+        for layer, placement in enumerate(placements):
+            self.balancer.set_placement(layer, placement)
+        self.version = version
+        self.events.append(f"switched to placement version {version}")
+        for s, actor in enumerate(self.shards):
+            if s not in self._dead:
+                actor.free.remote(old)  # fire and forget: nothing waits on freeing
+
+    def shutdown(self) -> None:
+        for actor in self.shards:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass

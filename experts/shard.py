@@ -1,0 +1,120 @@
+"""ExpertShard: one device's share of the experts, for every MoE layer. A plain class, no Ray.
+
+Shape legend: n rows (token-expert pairs) sent to this shard, s local slots, D hidden.
+
+A shard holds, per layer, an ordered list of physical slots, each a copy of one logical expert,
+stacked as ExpertWeights in slot order. Placements are versioned: `prepare(v, ...)` loads version v
+beside the one serving, `compute` names the version it wants, `free(v)` drops an old one. That is
+what lets the pool rebalance or replace shards between two batches without a pause.
+
+Arrays cross process boundaries as numpy (zero-copy in Ray's object store; torch tensors would be
+pickled, 3-13x slower); bfloat16, which numpy lacks, travels as its raw int16 bits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+from experts.checkpoint import Checkpoint
+from experts.ffn import ExpertWeights, grouped_swiglu
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """A CPU numpy view of x; bfloat16 as its int16 bit pattern."""
+    x = x.detach().contiguous().cpu()
+    return x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+
+
+def from_numpy(
+    a: np.ndarray, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Inverse of to_numpy, without a copy. Arrays from Ray's object store are read-only views of
+    shared memory: the tensor must only be read (every caller here reads it once)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we never write it
+        t = torch.from_numpy(a)
+    if dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.to(device)
+
+
+class ExpertShard:
+    """The experts of one shard. Thread-safe for one `compute` beside one `prepare`/`free`."""
+
+    def __init__(self, checkpoint: str, dtype: str = "float32", device: str = "cpu") -> None:
+        self._path = checkpoint
+        self._dtype = DTYPES[dtype]
+        self._device = torch.device(device)
+        self._versions: dict[int, list[ExpertWeights]] = {}  # version -> per-layer stacked slots
+        self._experts: dict[int, list[list[int]]] = {}  # version -> per-layer logical experts
+        self._tokens: dict[int, list[np.ndarray]] = {}  # version -> per-layer tokens per slot
+        self._lock = threading.Lock()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def prepare(self, version: int, layer_experts: list[list[int]]) -> int:
+        """Load placement `version`: layer_experts[l] lists the logical expert of each local slot.
+
+        Experts already held (by any version) are copied, the rest are read from the checkpoint,
+        one expert at a time. Returns how many experts were read from disk.
+        """
+        read = 0
+        ckpt = None
+        layers = []
+        for layer, experts in enumerate(layer_experts):
+            tensors = []
+            for e in experts:
+                held = self._held(layer, e)
+                if held is None:
+                    ckpt = ckpt or Checkpoint(self._path)
+                    w1, w3, w2 = ckpt.expert(layer, e, self._dtype)
+                    held = (torch.cat([w1, w3]), w2)
+                    read += 1
+                tensors.append(held)
+            w13 = torch.stack([t[0] for t in tensors]) if tensors else torch.empty(0)
+            w2 = torch.stack([t[1] for t in tensors]) if tensors else torch.empty(0)
+            layers.append(ExpertWeights(w13.to(self._device), w2.to(self._device)))
+        with self._lock:
+            self._versions[version] = layers
+            self._experts[version] = [list(x) for x in layer_experts]
+            self._tokens[version] = [np.zeros(len(x), dtype=np.int64) for x in layer_experts]
+        return read
+
+    def _held(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        with self._lock:
+            for version, experts in self._experts.items():
+                if expert in experts[layer]:
+                    i = experts[layer].index(expert)
+                    w = self._versions[version][layer]
+                    return w.w13[i].cpu(), w.w2[i].cpu()
+        return None
+
+    def free(self, version: int) -> None:
+        with self._lock:
+            for table in (self._versions, self._experts, self._tokens):
+                table.pop(version, None)
+
+    def versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._versions)
+
+    def compute(self, version: int, layer: int, x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """x [n, D] rows grouped by local slot, counts [s] rows per local slot -> [n, D]."""
+        weights = self._versions[version][layer]
+        self._tokens[version][layer] += counts
+        xt = from_numpy(x, self._dtype, self._device)
+        y = grouped_swiglu(xt, torch.tensor(counts, dtype=torch.long), weights)
+        return to_numpy(y)
+
+    def token_counts(self, version: int) -> list[list[int]]:
+        """Tokens computed per local slot, per layer, since `version` was prepared."""
+        with self._lock:
+            return [t.tolist() for t in self._tokens[version]]
