@@ -30,12 +30,23 @@ def test_sharded_logits_equal_local(ray_session, demo_path, reference, shards, r
     model = load_model(demo_path, expert_shards=shards, redundant_experts=redundant)
     try:
         assert model.pool.num_slots(0) == 8 + redundant
+        assert model.pool.transport_in_use == "compiled"
         assert (model(IDS) - reference).abs().max().item() < 1e-5
+        assert model.pool.transport_in_use == "compiled"  # it served through the graph
         # copies of one expert never share a shard
         for p in model.pool.placements():
             for e in range(8):
                 homes = [int(p.slot_shard[s]) for s in p.slots_of(e)]
                 assert len(homes) == len(set(homes))
+    finally:
+        model.close()
+
+
+def test_plain_transport_equals_local(ray_session, demo_path, reference):
+    model = load_model(demo_path, expert_shards=2, transport="plain")
+    try:
+        assert model.pool.transport_in_use == "plain"
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
         model.close()
 
@@ -115,6 +126,16 @@ def test_killed_shard_with_two_copies_loses_nothing(ray_session, demo_path, refe
         while "shard 0 replaced" not in pool.events and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "shard 0 replaced" in pool.events, pool.events
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
+        # the graph was torn down with the dead shard and recompiled over its replacement
+        assert any(
+            e.startswith("compiled graph torn down") or e.startswith("shard 0 failed")
+            for e in pool.events
+        )
+        deadline = time.monotonic() + 30
+        while pool.transport_in_use != "compiled" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pool.transport_in_use == "compiled", pool.events
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
         model.close()
