@@ -1,0 +1,173 @@
+"""Forward-pass speed of moe-serve's model core against transformers' Mixtral, side by side.
+
+Prints one JSON object. Both implementations load the same checkpoint (written by transformers'
+save_pretrained), run in the same process, and are timed in interleaved rounds so that machine
+noise hits them alike; each figure is the median over rounds.
+
+  prefill: batch 4 x 512 tokens, full logits (what both compute by default)
+  decode:  one step at batch 32 after a 256-token prompt in the KV cache
+
+Usage: python scripts/bench_forward.py [--rounds 5] [--dtype float32] [--device cpu] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODEL = dict(
+    vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+    max_position_embeddings=1024,
+)  # fmt: skip
+
+
+def write_checkpoint(path: Path, config: dict) -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(**config)).save_pretrained(path)
+
+
+def gemm_peak(device: str, dtype: torch.dtype, n: int = 2048, rounds: int = 7) -> float:
+    """Median FLOP/s of one n x n x n matmul: the machine's practical GEMM peak."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, rounds, device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, rounds: int, device: str) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_flops(c: dict, tokens: int, context: float) -> float:
+    """Model FLOPs of a forward pass: 2 x active weights per token, plus attention scores.
+
+    context is the mean number of keys each query attends to.
+    """
+    d, f, h = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    dh = d // h
+    kv = c["num_key_value_heads"] * dh
+    per_layer = d * (d + 2 * kv) + d * d + c["num_local_experts"] * d  # qkv, o, router
+    per_layer += c["num_experts_per_tok"] * 3 * d * f  # top-k SwiGLU experts
+    weights = c["num_hidden_layers"] * per_layer + c["vocab_size"] * d  # + lm_head
+    attention = c["num_hidden_layers"] * 2 * 2 * h * dh * context  # QK^T and AV
+    return tokens * (2 * weights + attention)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--small", action="store_true", help="a quick run on a smaller shape")
+    args = parser.parse_args()
+
+    from transformers import DynamicCache, MixtralForCausalLM
+
+    from serving import load_model
+
+    dtype = getattr(torch, args.dtype)
+    dev = args.device
+    batch_p, seq_p, batch_d, ctx_d = (2, 128, 8, 64) if args.small else (4, 512, 32, 256)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp), MODEL)
+        ours = load_model(tmp, dtype=dtype, device=dev)
+        hf = {
+            impl: MixtralForCausalLM.from_pretrained(tmp, dtype=dtype, experts_implementation=impl)
+            .to(dev)
+            .eval()
+            for impl in ("eager", "grouped_mm")
+        }
+
+    prefill_ids = torch.randint(0, MODEL["vocab_size"], (batch_p, seq_p), device=dev)
+    prompt = torch.randint(0, MODEL["vocab_size"], (batch_d, ctx_d), device=dev)
+    step_ids = torch.randint(0, MODEL["vocab_size"], (batch_d, 1), device=dev)
+
+    # Decode state: each implementation's cache holds the same 256-token prompt.
+    cache = ours.new_cache(batch_d, ctx_d + 1)
+    ours(prompt, cache=cache, start_pos=0, last_only=True)
+    hf_caches = {}
+    with torch.inference_mode():
+        for impl, model in hf.items():
+            hf_caches[impl] = DynamicCache(config=model.config)
+            model(prompt, cache=hf_caches[impl], use_cache=True, logits_to_keep=1)
+
+    def hf_step(impl: str):
+        model, c = hf[impl], hf_caches[impl]
+        with torch.inference_mode():
+            model(step_ids, cache=c, use_cache=True, logits_to_keep=1)
+        c.crop(-1)  # back to the prompt, so every round measures the same step
+
+    def hf_prefill(impl: str):
+        with torch.inference_mode():
+            hf[impl](prefill_ids, use_cache=False)
+
+    cases = {
+        "prefill": {
+            "ours": lambda: ours(prefill_ids),
+            **{f"transformers_{i}": (lambda i=i: hf_prefill(i)) for i in hf},
+        },
+        "decode": {
+            "ours": lambda: ours(step_ids, cache=cache, start_pos=ctx_d, last_only=True),
+            **{f"transformers_{i}": (lambda i=i: hf_step(i)) for i in hf},
+        },
+    }
+    times: dict[str, dict[str, list[float]]] = {k: {n: [] for n in v} for k, v in cases.items()}
+    for _ in range(args.rounds):  # interleaved: every implementation once per round
+        for kind, fns in cases.items():
+            for name, fn in fns.items():
+                times[kind][name].append(median_seconds(fn, 1, dev))
+
+    peak = gemm_peak(dev, dtype)
+    tokens = {"prefill": batch_p * seq_p, "decode": batch_d}
+    flops = {
+        "prefill": forward_flops(MODEL, batch_p * seq_p, (seq_p + 1) / 2),
+        "decode": forward_flops(MODEL, batch_d, ctx_d + 1),
+    }
+    report: dict = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads(), "device": dev, "dtype": args.dtype,
+                    "torch": torch.__version__},
+        "model": MODEL,
+        "gemm_peak_gflops": round(peak / 1e9, 1),
+        "rounds": args.rounds,
+    }  # fmt: skip
+    for kind in cases:
+        rows = {}
+        for name, ts in times[kind].items():
+            s = statistics.median(ts)
+            rows[name] = {
+                "ms": round(s * 1e3, 2),
+                "tokens_per_ms": round(tokens[kind] / (s * 1e3), 3),
+                "fraction_of_gemm_peak": round(flops[kind] / s / peak, 3),
+            }
+        best_hf = min(statistics.median(times[kind][n]) for n in rows if n != "ours")
+        rows["speedup_vs_best_transformers"] = round(best_hf / statistics.median(times[kind]["ours"]), 3)
+        report[kind] = {"shape": f"{batch_p}x{seq_p}" if kind == "prefill" else
+                        f"batch {batch_d}, cache {ctx_d}", **rows}  # fmt: skip
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
