@@ -48,18 +48,37 @@ def expert_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torc
     return (F.silu(gate) * up) @ w2.t()
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
+def grouped_swiglu(
+    x: torch.Tensor, counts: torch.Tensor, weights: ExpertWeights, impl: str = "auto"
+) -> torch.Tensor:
     """All experts over expert-sorted rows.
 
     x: [N, D] rows sorted by expert; counts: [E] rows per expert (sum N) -> [N, D].
-    Uses torch's grouped GEMM where the build supports it for this device and dtype, otherwise a
-    loop over experts with work; both give the same result to rounding.
+    impl: "grouped_mm" (torch's grouped GEMM: one kernel per projection for all experts), "loop"
+    (one GEMM per expert with rows), or "auto": grouped_mm where this torch build has it for the
+    device and dtype, else the loop. Both give the same result to rounding.
     """
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
-    if _grouped_mm_ok(x):
+    if impl == "auto":
+        impl = "grouped_mm" if grouped_mm_supported(x) else "loop"
+    if impl == "grouped_mm":
         return _grouped_mm_swiglu(x, counts, weights)
     return _loop_swiglu(x, counts, weights)
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch.nn.functional.grouped_mm (torch >= 2.10) runs on CPU in any float dtype, and on CUDA
+    for bf16 from compute capability 8.0."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
 
 
 def _loop_swiglu(x: torch.Tensor, counts: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:
@@ -74,23 +93,10 @@ def _loop_swiglu(x: torch.Tensor, counts: torch.Tensor, weights: ExpertWeights) 
     return out
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    # torch._grouped_mm is CUDA-only (sm90+) and bf16 in the builds we target; the loop is as fast
-    # on CPU, where each expert's segment is a large GEMM anyway.
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
-
-
 def _grouped_mm_swiglu(
     x: torch.Tensor, counts: torch.Tensor, weights: ExpertWeights
 ) -> torch.Tensor:
-    offsets = torch.cumsum(counts.to(x.device), 0, dtype=torch.int32)  # [E]
-    h = torch._grouped_mm(x, weights.w13.transpose(1, 2), offs=offsets)  # [N, 2F]
+    offsets = torch.cumsum(counts.to(x.device), 0, dtype=torch.int32)  # [E] end row of each expert
+    h = F.grouped_mm(x, weights.w13.transpose(1, 2), offs=offsets)  # [N, 2F]
     gate, up = h.chunk(2, dim=-1)
-    return torch._grouped_mm(
-        (F.silu(gate) * up).contiguous(), weights.w2.transpose(1, 2), offs=offsets
-    )
+    return F.grouped_mm(F.silu(gate) * up, weights.w2.transpose(1, 2), offs=offsets)  # [N, D]

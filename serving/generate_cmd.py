@@ -22,6 +22,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument(
+        "--expert-shards", type=int, default=0, metavar="N",
+        help="put the experts on N ExpertShard Ray actors (0: in this process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--redundant-experts", type=int, default=0, metavar="R",
+        help="extra copies of the hottest experts, on different shards",
+    )  # fmt: skip
 
 
 def resolve_model_dir(model: str | None) -> str:
@@ -53,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
     from serving.tokenizer import TextTokenizer
 
     path = resolve_model_dir(args.model)
-    model = load_model(path, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(
+        path,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        expert_shards=args.expert_shards,
+        redundant_experts=args.redundant_experts,
+    )
     tok = TextTokenizer(path)
     ids = (
         tok.encode_chat([{"role": "user", "content": args.prompt}])

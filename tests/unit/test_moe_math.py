@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experts.ffn import ExpertWeights, _loop_swiglu, expert_forward, grouped_swiglu
+from experts.ffn import (
+    ExpertWeights,
+    _loop_swiglu,
+    expert_forward,
+    grouped_mm_supported,
+    grouped_swiglu,
+)
 from experts.pool import LocalExpertPool
 from router.dispatch import combine, group_by_slot
 from router.gating import renormalise, top_k_gating
@@ -76,7 +82,12 @@ def test_grouped_compute_equals_loop_over_experts(tokens):
         else torch.zeros(0, 32)
     )
     assert torch.allclose(y, ref, atol=1e-5)
-    assert torch.allclose(_loop_swiglu(x[d.token_idx], d.counts, weights), y)
+    loop = grouped_swiglu(x[d.token_idx], d.counts, weights, impl="loop")
+    assert torch.allclose(_loop_swiglu(x[d.token_idx], d.counts, weights), loop)
+    if tokens:
+        assert grouped_mm_supported(x)  # torch >= 2.10 on CPU: the grouped kernel is exercised
+        grouped = grouped_swiglu(x[d.token_idx], d.counts, weights, impl="grouped_mm")
+        assert torch.allclose(grouped, loop, atol=1e-5)
 
 
 def test_dispatch_groups_contiguously_and_combine_inverts():
