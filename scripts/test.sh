@@ -3,5 +3,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/bootstrap.sh" dev
+# The dashboard test evaluates every PromQL query on a real Prometheus (Debian's package).
+bash "$root/scripts/install_prometheus.sh"
 cd "$root"
 exec "$root/.venv/bin/python" -m pytest -q tests "$@"

@@ -24,7 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     from serving import generate_cmd
 
     generate_cmd.add_subcommand(sub)
-    for name in ("serving.plan_cmd", "serving.balance_cmd"):
+    for name in (
+        "serving.plan_cmd",
+        "serving.balance_cmd",
+        "serving.up_cmd",
+        "serving.bench_cmd",
+        "serving.status_cmd",
+        "serving.dashboard_cmd",
+    ):
         try:
             module = __import__(name, fromlist=["add_subcommand"])
         except ModuleNotFoundError as exc:

@@ -1,0 +1,339 @@
+"""The controller's decisions: live tokens/ms per device against the planner's phased targets.
+
+`decide(state, observation, config) -> (Decision, new state)` is pure: no clock, no I/O, no Ray.
+serving/controller_loop.py runs it every period (reading counters, applying, logging, counting).
+
+Each period one action is proposed; the first rule that holds wins:
+  1. no live measurement or no phase target             -> hold
+  2. latency broken (p99 TTFT or TPOT over its bound)
+     while a batch fallback is in force (adaptive)       -> revert_fallback (one level)
+  3. expert load CV across shards above target (0.15)    -> rebalance
+  4. shortfall (live < target x (1 - margin)), deep queue
+     -> scale_out where resources allow, else batch_fallback where it has room, else hold
+  5. shortfall, shallow queue
+     -> scale_in when the work fits one device fewer, each still below target (surplus devices),
+        else batch_fallback where it has room, else hold
+  6. otherwise                                           -> hold
+Hysteresis: an action is taken only after it was proposed `confirm_periods` periods in a row
+(`scale_in_periods` for scale_in, `revert_periods` for revert_fallback), and after any action
+`cooldown_periods` periods hold while its effect shows; only revert_fallback (latency is a hard
+bound) ignores the cooldown. After a revert, fallback never again climbs to the level that broke
+latency (no oscillation).
+
+Batch strategies: `fixed` never changes batch settings; `throughput` falls back on shortfall and
+ignores latency bounds; `latency` never falls back; `adaptive` falls back and reverts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.capacity import Plan, PlanOptions
+
+Action = Literal["hold", "scale_out", "scale_in", "batch_fallback", "revert_fallback", "rebalance"]
+ACTIONS: tuple[str, ...] = Action.__args__
+BatchStrategy = Literal["fixed", "throughput", "latency", "adaptive"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PhaseTarget(Frozen):
+    """One planner phase: tokens/ms per device, and whether it is below the ceiling."""
+
+    name: str
+    tokens_per_ms: float = Field(gt=0)
+    feasible: bool = True
+
+
+class FallbackConfig(Frozen):
+    """How far the batch-strategy fallback may go; level L multiplies by factor**L."""
+
+    max_level: int = Field(3, ge=0)
+    factor: float = Field(2.0, gt=1.0)  # step token budget and batch slots, per level
+    batch_wait_ms_per_level: float = Field(5.0, ge=0)
+    # What level 0 is: the scheduler's configured settings (serving/config.py SchedulerConfig).
+    base_step_token_budget: int = Field(512, gt=0)
+    base_max_batch_slots: int = Field(16, gt=0)
+    base_batch_wait_ms: float = Field(0.0, ge=0)
+
+
+class ControllerConfig(Frozen):
+    """Every threshold of the controller. Targets come from the planner (`config_from_plan`)."""
+
+    period_s: float = Field(10.0, gt=0)
+    phases: tuple[PhaseTarget, ...] = ()
+    phase: str | None = None  # the current phase's name; None: the first feasible one
+    ceiling_tokens_per_ms: float | None = None
+    # The planner's memory limit: sequences of seq_len that fit one device (None: unknown).
+    max_batch: int | None = Field(None, ge=1)
+    seq_len: int = Field(2048, gt=0)
+    shortfall_margin: float = Field(0.10, ge=0, lt=1)
+    surplus_margin: float = Field(0.10, ge=0, lt=1)
+    deep_queue: int = Field(8, ge=1)  # waiting requests from which the queue counts as deep
+    target_cv: float = Field(0.15, gt=0)
+    max_p99_ttft_s: float | None = Field(2.0, gt=0)
+    max_p99_tpot_s: float | None = Field(0.2, gt=0)
+    batch_strategy: BatchStrategy = "adaptive"
+    fallback: FallbackConfig = FallbackConfig()
+    min_devices: int = Field(1, ge=1)
+    confirm_periods: int = Field(3, ge=1)
+    scale_in_periods: int = Field(6, ge=1)
+    revert_periods: int = Field(1, ge=1)
+    cooldown_periods: int = Field(3, ge=0)
+    window_s: float = Field(30.0, gt=0)  # the live tokens/ms sliding window
+
+    @model_validator(mode="after")
+    def _phase_known(self) -> ControllerConfig:
+        if self.phase is None:
+            return self
+        chosen = [p for p in self.phases if p.name == self.phase]
+        if not chosen:
+            known = ", ".join(p.name for p in self.phases) or "none"
+            raise ValueError(f"phase: {self.phase!r} is not a planner phase (known: {known})")
+        if not chosen[0].feasible:
+            raise ValueError(f"phase: {self.phase!r} exceeds the ceiling; choose a feasible phase")
+        return self
+
+    def current_phase(self) -> tuple[int, PhaseTarget] | None:
+        """(1-based number, phase) of the phase in force, or None without feasible phases."""
+        for number, p in enumerate(self.phases, start=1):
+            if p.name == self.phase or (self.phase is None and p.feasible):
+                return number, p
+        return None
+
+
+class Observation(Frozen):
+    """What the controller sees each period (serving/controller_loop.py builds it)."""
+
+    tokens_per_ms_per_device: float | None  # live, sliding window; None before two samples
+    devices: int = Field(ge=1)
+    queue_depth: int = Field(0, ge=0)
+    expert_load_cv: float | None = None  # worst layer, across shards; None without shards
+    max_over_mean: float | None = None
+    p99_ttft_s: float | None = None
+    p99_tpot_s: float | None = None
+    can_scale_out: bool = False  # the cluster has room for one more shard or replica
+    can_scale_in: bool = False  # the deployment may lose one (above its configured minimum)
+    can_rebalance: bool = True  # False while a rebalance is in flight, or without shards
+
+
+class BatchSettings(Frozen):
+    """What the scheduler should use at a fallback level."""
+
+    level: int
+    step_token_budget: int
+    max_batch_slots: int
+    batch_wait_ms: float
+
+
+class Decision(Frozen):
+    action: Action
+    reason: str
+    batch: BatchSettings | None = None  # for batch_fallback and revert_fallback
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """What decide() carries from one period to the next."""
+
+    proposed: str = "hold"  # the action proposed last period
+    streak: int = 0  # periods in a row it was proposed
+    cooldown: int = 0  # periods left to hold after an action
+    fallback_level: int = 0
+    fallback_cap: int | None = None  # highest level allowed after a revert
+    periods: int = 0
+
+
+def tokens_per_ms_per_device(samples: Sequence[tuple[float, int]], devices: int) -> float | None:
+    """Live rate over a window of counter samples.
+
+    samples: (time in s, cumulative tokens generated) pairs, oldest first, all within the window.
+    Returns tokens / elapsed ms / devices; None with fewer than two samples, no elapsed time, no
+    device, or a counter that went back (a restart: the window must refill).
+    """
+    if len(samples) < 2 or devices < 1:
+        return None
+    (t0, n0), (t1, n1) = samples[0], samples[-1]
+    if t1 <= t0 or n1 < n0:
+        return None
+    return (n1 - n0) / ((t1 - t0) * 1000.0) / devices
+
+
+def devices_in_use(gpus: int, cpu_shards: int) -> int:
+    """Devices the rate is divided by: GPUs in use, CPU-only expert shards each count as one, and
+    a deployment with neither (everything in one CPU process) is one device."""
+    return max(1, gpus + cpu_shards)
+
+
+def batch_settings(config: ControllerConfig, level: int) -> BatchSettings:
+    """The scheduler settings at a fallback level, within the planner's memory limit."""
+    f = config.fallback
+    grow = f.factor**level
+    slots = int(f.base_max_batch_slots * grow)
+    budget = int(f.base_step_token_budget * grow)
+    if config.max_batch is not None:
+        # KV cache slots beyond what fits in memory would fail at allocation; a step never needs
+        # more tokens than every fitting sequence at full length.
+        slots = max(min(slots, config.max_batch), min(f.base_max_batch_slots, config.max_batch))
+        budget = min(budget, max(config.max_batch * config.seq_len, f.base_step_token_budget))
+    wait = f.base_batch_wait_ms + level * f.batch_wait_ms_per_level
+    return BatchSettings(
+        level=level, step_token_budget=budget, max_batch_slots=slots, batch_wait_ms=wait
+    )
+
+
+def _fallback_room(config: ControllerConfig, state: ControllerState) -> bool:
+    cap = config.fallback.max_level
+    if state.fallback_cap is not None:
+        cap = min(cap, state.fallback_cap)
+    if state.fallback_level >= cap:
+        return False
+    now = batch_settings(config, state.fallback_level)
+    after = batch_settings(config, state.fallback_level + 1)
+    # Only a wider step counts as room: a longer wait alone at the memory limit buys nothing.
+    return after.step_token_budget > now.step_token_budget or (
+        after.max_batch_slots > now.max_batch_slots
+    )
+
+
+def _latency_broken(config: ControllerConfig, obs: Observation) -> str | None:
+    for label, seen, bound in (
+        ("TTFT", obs.p99_ttft_s, config.max_p99_ttft_s),
+        ("TPOT", obs.p99_tpot_s, config.max_p99_tpot_s),
+    ):
+        if seen is not None and bound is not None and seen > bound:
+            return f"p99 {label} {seen * 1000:.0f} ms > bound {bound * 1000:.0f} ms"
+    return None
+
+
+def propose(
+    state: ControllerState, obs: Observation, config: ControllerConfig
+) -> tuple[Action, str]:
+    """This period's action and its reason, before hysteresis (rules 1-6 of the module doc)."""
+    # 1. Nothing to compare.
+    current = config.current_phase()
+    if current is None:
+        return "hold", "no feasible phase target (derive targets with the planner)"
+    live, target = obs.tokens_per_ms_per_device, current[1].tokens_per_ms
+    if live is None:
+        return "hold", "no live measurement yet (window filling)"
+    rate = f"{live:.3g} tokens/ms/device vs {current[1].name} target {target:.3g}"
+    # 2. Latency bounds break: undo the fallback first (the adaptive strategy only).
+    broken = _latency_broken(config, obs)
+    if broken and config.batch_strategy == "adaptive" and state.fallback_level > 0:
+        return "revert_fallback", f"{broken} at fallback level {state.fallback_level}"
+    # 3. Imbalance makes stragglers: cheaper to fix than adding devices.
+    cv = obs.expert_load_cv
+    if cv is not None and cv > config.target_cv and obs.can_rebalance:
+        mm = f", max/mean {obs.max_over_mean:.2f}" if obs.max_over_mean is not None else ""
+        return "rebalance", f"load CV {cv:.3f} > {config.target_cv}{mm}"
+    if live >= target * (1.0 - config.shortfall_margin):
+        return "hold", f"on target: {rate}"
+    # 4-5. Shortfall: more devices when work waits, else bigger batches, else fewer devices.
+    strategy = config.batch_strategy
+    # Adaptive does not fall back while latency is broken: a bigger batch would break it further.
+    allowed = strategy == "throughput" or (strategy == "adaptive" and not broken)
+    can_fallback = allowed and _fallback_room(config, state)
+    queue = f"queue {obs.queue_depth}"
+    if obs.queue_depth >= config.deep_queue:
+        if obs.can_scale_out:
+            return "scale_out", f"shortfall, deep {queue}: {rate}"
+        if can_fallback:
+            return "batch_fallback", f"shortfall, deep {queue}, no room to scale out: {rate}"
+        return "hold", f"shortfall, deep {queue}, no room to scale out nor fall back: {rate}"
+    fewer = obs.devices - 1
+    surplus = fewer >= config.min_devices and obs.can_scale_in
+    if surplus and live * obs.devices / fewer <= target * (1.0 - config.surplus_margin):
+        return "scale_in", f"surplus: the work fits {fewer} device(s) below target: {rate}"
+    if can_fallback:
+        return "batch_fallback", f"shortfall, shallow {queue}: {rate}"
+    return "hold", f"shortfall, shallow {queue}, no fallback left ({config.batch_strategy}): {rate}"
+
+
+def _periods_needed(config: ControllerConfig, action: str) -> int:
+    return {"scale_in": config.scale_in_periods, "revert_fallback": config.revert_periods}.get(
+        action, config.confirm_periods
+    )
+
+
+def decide(
+    state: ControllerState, obs: Observation, config: ControllerConfig
+) -> tuple[Decision, ControllerState]:
+    """One period: propose, then apply hysteresis and cooldown. Pure."""
+    action, reason = propose(state, obs, config)
+    streak = state.streak + 1 if action == state.proposed else 1
+    cooldown = max(0, state.cooldown - 1)
+    waiting = replace(
+        state, proposed=action, streak=streak, cooldown=cooldown, periods=state.periods + 1
+    )
+    if action == "hold":
+        return Decision(action="hold", reason=reason), waiting
+    if state.cooldown > 0 and action != "revert_fallback":
+        why = f"cooldown ({state.cooldown} period(s) left); would {action}: {reason}"
+        return Decision(action="hold", reason=why), waiting
+    need = _periods_needed(config, action)
+    if streak < need:
+        why = f"{action} pending ({streak}/{need} periods): {reason}"
+        return Decision(action="hold", reason=why), waiting
+    # Act: the streak restarts and the cooldown begins.
+    acted = replace(waiting, proposed="hold", streak=0, cooldown=config.cooldown_periods)
+    batch = None
+    if action == "batch_fallback":
+        acted = replace(acted, fallback_level=state.fallback_level + 1)
+    elif action == "revert_fallback":
+        level = state.fallback_level - 1
+        acted = replace(acted, fallback_level=level, fallback_cap=level)
+    if action in ("batch_fallback", "revert_fallback"):
+        batch = batch_settings(config, acted.fallback_level)
+    return Decision(action=action, reason=reason, batch=batch), acted
+
+
+# --- targets from the planner ---
+
+
+def phase_targets(plan: Plan) -> tuple[PhaseTarget, ...]:
+    """The plan's phases as controller targets (infeasible ones kept, marked, never chosen)."""
+    return tuple(
+        PhaseTarget(name=p.name, tokens_per_ms=p.tokens_per_ms, feasible=p.feasible)
+        for p in plan.phases
+    )
+
+
+def config_from_plan(
+    plan: Plan, seq_len: int = 2048, base: ControllerConfig | None = None, **fields
+) -> ControllerConfig:
+    """`base` (its thresholds, e.g. from configs/serve.yaml) with targets, ceiling and memory limit
+    from `plan`; `fields` override any field.
+
+    max_batch is the plan's memory row for the smallest planned length >= seq_len (the longest
+    planned one if none is that long).
+    """
+    rows = sorted(plan.memory, key=lambda m: m.seq_len)
+    row = next((m for m in rows if m.seq_len >= seq_len), rows[-1] if rows else None)
+    planned = {
+        "phases": phase_targets(plan),
+        "ceiling_tokens_per_ms": plan.ceiling_tokens_per_ms,
+        "max_batch": max(row.max_batch, 1) if row is not None else None,
+        "seq_len": seq_len,
+    }
+    data = (base.model_dump() if base is not None else {}) | planned | fields
+    return ControllerConfig.model_validate(data)
+
+
+def plan_for(
+    model: str, hardware: str, options: PlanOptions | None = None, cpu_seconds: float = 2.0
+) -> Plan:
+    """plan() for a model and hardware profile given as `moe-serve plan` takes them (a name, a
+    YAML or a checkpoint's config.json; `cpu` is measured for `cpu_seconds`)."""
+    from serving import capacity
+    from serving.plan_cmd import load_hardware_spec, load_model_spec
+
+    spec = load_model_spec(model)
+    hw = load_hardware_spec(hardware, seconds=cpu_seconds)
+    return capacity.plan(spec, hw, options or PlanOptions())

@@ -1,0 +1,51 @@
+"""The controller actor: runs its loop in Ray, serves its status, and comes back when killed."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+import pytest
+
+from serving.controller import ControllerConfig, PhaseTarget
+from serving.controller_loop import Counters, start_controller
+
+pytestmark = pytest.mark.ray
+
+
+def make_counters():
+    tokens = itertools.count(0, 1000)  # plenty: always on target
+    return lambda: Counters(tokens_generated=next(tokens), cpu_shards=1)
+
+
+def make_apply():
+    return lambda decision: None
+
+
+def wait_for_decision(ray, actor, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = ray.get(actor.status.remote(), timeout=timeout_s)
+        if status["last_decision"] is not None and status["tokens_per_ms_per_device"]:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"no decision within {timeout_s}s")
+
+
+def test_controller_actor_decides_and_survives_being_killed(ray_session):
+    ray = ray_session
+    config = ControllerConfig(
+        period_s=0.1, phases=(PhaseTarget(name="phase 1", tokens_per_ms=0.001),)
+    )
+    actor = start_controller(config, make_counters, make_apply, name=f"ctl-test-{os.getpid()}")
+    try:
+        status = wait_for_decision(ray, actor)
+        assert status["last_decision"]["action"] == "hold"
+        assert status["phase"] == "phase 1" and status["devices"] == 1
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        ray.kill(actor, no_restart=False)  # as if its process died
+        status = wait_for_decision(ray, actor)  # Ray restarted it; it starts from scratch
+        assert ray.get(actor.__ray_call__.remote(lambda self: os.getpid())) != pid
+    finally:
+        ray.kill(actor)
