@@ -80,8 +80,9 @@ class RayExpertPool:
         self.version = 0
         self._dead: set[int] = set()
         self._lock = threading.Lock()
-        # A prepared rebalance: (version, placements, the actors that loaded it).
-        self._pending: tuple[int, list[Placement], list] | None = None
+        # A prepared reconfiguration: (version, placements, the actors serving when it started,
+        # the actors that loaded it, redundant copies).
+        self._pending: tuple | None = None
         self._replacing: set[int] = set()
         self.events: list[str] = []  # what happened, newest last (failures, switches)
         self.transport = transport
@@ -313,44 +314,81 @@ class RayExpertPool:
     def rebalance(self, wait: bool = False) -> threading.Thread:
         """Compute a placement from the load window, load it beside the serving one, then switch
         at the next batch. Returns the loading thread (joined first when wait=True)."""
-        thread = threading.Thread(target=self._prepare_rebalance, daemon=True)
+        return self._reconfigure(self.num_shards, wait)
+
+    def add_shard(self, wait: bool = False) -> threading.Thread:
+        """Grow to N+1 shards: start an actor, load a placement over N+1 shards, switch."""
+        return self._reconfigure(self.num_shards + 1, wait)
+
+    def remove_shard(self, wait: bool = False) -> threading.Thread:
+        """Shrink to N-1 shards: move the last shard's slots to the others, switch, then stop it
+        (after the switch no call can reach it: every batch runs on the forward thread)."""
+        if self.num_shards <= 1:
+            raise ValueError("cannot remove the last expert shard")
+        return self._reconfigure(self.num_shards - 1, wait)
+
+    def _reconfigure(self, num_shards: int, wait: bool) -> threading.Thread:
+        thread = threading.Thread(target=self._prepare, args=(num_shards,), daemon=True)
         thread.start()
         if wait:
             thread.join()
         return thread
 
-    def _prepare_rebalance(self) -> None:
+    def _prepare(self, num_shards: int) -> None:
+        """1. placement from the load window over `num_shards` (copies capped to fit apart);
+        2. the actors: the serving ones, plus a new one or less the last one;
+        3. load the new version on each, beside the serving one; 4. hand it to the next batch."""
         try:
-            tokens = self.balancer.tokens_per_expert()  # [L, E]
-            placements = place_layers(tokens, self.num_shards, self.redundant)
+            if self._dead:
+                raise RuntimeError("a shard is down; reconfigure after it is replaced")
+            experts = self.config.num_local_experts
+            redundant = min(self.redundant, experts * (num_shards - 1))
+            placements = place_layers(self.balancer.tokens_per_expert(), num_shards, redundant)
+            base = list(self.shards)
+            actors = base[:num_shards] + [
+                self._start_actor() for _ in range(num_shards - len(base))
+            ]
             version = self.version + 1
-            actors = list(self.shards)
-            self._load_all(version, placements)
+            refs = [a.prepare.remote(version, self._layer_experts(placements, s))
+                    for s, a in enumerate(actors)]  # fmt: skip
+            ray.get(refs, timeout=self.load_timeout_s)
             with self._lock:
-                self._pending = (version, placements, actors)
-        except Exception as exc:  # a failed rebalance leaves the serving placement in place
-            log.warning("rebalance failed: %s", exc)
-            self.events.append(f"rebalance failed: {type(exc).__name__}")
+                self._pending = (version, placements, base, actors, redundant)
+        except Exception as exc:  # a failed reconfiguration leaves the serving placement in place
+            log.warning("reconfiguration to %d shards failed: %s", num_shards, exc)
+            self.events.append(f"reconfiguration failed: {type(exc).__name__}: {exc}")
 
     def _switch_if_ready(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is None:
             return
-        version, placements, actors = pending
-        if any(a is not b for a, b in zip(actors, self.shards, strict=True)) or self._dead:
+        version, placements, base, actors, redundant = pending
+        if self._dead or any(a is not b for a, b in zip(base, self.shards, strict=True)):
             # A shard was lost or replaced while the new placement loaded: it lacks the new
             # version, so keep serving the old one (the next rebalance will try again).
             self.events.append(f"placement version {version} abandoned: a shard changed")
+            for extra in actors[len(base) :]:
+                ray.kill(extra)
             return
-        old = self.version
+        old, resized = self.version, len(actors) != len(self.shards)
         for layer, placement in enumerate(placements):
             self.balancer.set_placement(layer, placement)
+        removed = self.shards[len(actors) :]
+        self.shards, self.num_shards, self.redundant = actors, len(actors), redundant
         self.version = version
-        self.events.append(f"switched to placement version {version}")
-        for s, actor in enumerate(self.shards):
-            if s not in self._dead:
-                actor.free.remote(old)  # fire and forget: nothing waits on freeing
+        self.events.append(f"switched to placement version {version} on {len(actors)} shards")
+        for actor in self.shards:
+            actor.free.remote(old)  # fire and forget: nothing waits on freeing
+        for actor in removed:
+            ray.kill(actor)  # drained: no batch can reach it any more
+        if resized:  # the graph names its actors: rebuild it over the new set
+            with self._graph_lock:
+                graph, self._graph = self._graph, None
+            if graph is not None:
+                threading.Thread(target=_teardown, args=(graph,), daemon=True).start()
+            if self.transport == "compiled":
+                threading.Thread(target=self._compile, daemon=True).start()
 
     def shutdown(self) -> None:
         with self._graph_lock:

@@ -201,3 +201,26 @@ def test_forward_threads_do_not_fail_during_rebalance(ray_session, demo_path, re
         worker.join(timeout=30)
         model.close()
     assert model.pool.version == 1 and not errors
+
+
+def test_add_and_remove_shards_while_serving(ray_session, demo_path, reference):
+    model = load_model(demo_path, expert_shards=2, redundant_experts=2)
+    pool = model.pool
+    try:
+        for target, change in ((3, pool.add_shard), (2, pool.remove_shard)):
+            thread = change()
+            outputs, deadline = [], time.monotonic() + 60
+            while pool.num_shards != target and time.monotonic() < deadline:
+                outputs.append(model(IDS))
+            thread.join(timeout=30)
+            outputs.append(model(IDS))
+            assert pool.num_shards == target == len(pool.shards), pool.events
+            assert all((o - reference).abs().max().item() < 1e-5 for o in outputs)
+            assert {int(s) for s in pool.placements()[0].slot_shard} == set(range(target))
+        deadline = time.monotonic() + 30
+        while pool.transport_in_use != "compiled" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pool.transport_in_use == "compiled", pool.events  # rebuilt over the new set
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
+    finally:
+        model.close()
