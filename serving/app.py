@@ -1,0 +1,160 @@
+"""The Ray Serve application: an HTTP ingress deployment in front of the router deployment.
+
+    HTTP -> Ingress (FastAPI: auth, limits, validation, tokenization, SSE)
+         -> Router (scheduler: continuous batching over the KV cache; the model, whose experts
+            live in-process or on ExpertShard actors)
+
+`build_app` is the builder Ray Serve's own tools call (`serve run configs/serve.yaml`, or
+`serve run serving.app:build_app model=DIR`); `moe-serve up` calls `application`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from serving.config import ServeConfig, config_from_args
+from serving.errors import UserError
+
+APP_NAME = "moe-serve"
+DEMO_MODEL_NAME = "moe-serve-demo"
+
+
+def model_dir(config: ServeConfig) -> str:
+    """The checkpoint directory; the demo is written on the machine that asks (each replica)."""
+    if config.model:
+        return config.model
+    from serving.demo import demo_checkpoint
+
+    return str(demo_checkpoint())
+
+
+def served_name(config: ServeConfig) -> str:
+    from pathlib import Path
+
+    if config.served_model_name:
+        return config.served_model_name
+    return Path(config.model).name if config.model else DEMO_MODEL_NAME
+
+
+def expert_options(config: ServeConfig) -> dict[str, int]:
+    """The expert-parallel options for load_model, passed only where asked for (> 0).
+
+    Checked against load_model's signature so that `moe-serve up` fails before deploying, in one
+    line, on a build whose load_model does not take them.
+    """
+    from serving.load import load_model
+
+    wanted = {"expert_shards": config.expert_shards, "redundant_experts": config.redundant_experts}
+    extra = {k: v for k, v in wanted.items() if v > 0}
+    accepted = inspect.signature(load_model).parameters
+    missing = [k for k in extra if k not in accepted]
+    if missing:
+        raise UserError(f"{missing[0]} is not supported by this build's load_model yet")
+    return extra
+
+
+def load_serving_model(config: ServeConfig):
+    import torch
+
+    from serving.load import load_model
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return load_model(
+        model_dir(config),
+        dtype=dtypes[config.dtype],
+        device=config.device,
+        **expert_options(config),
+    )
+
+
+@serve.deployment(name="Router")
+class Router:
+    """Holds the model and the scheduler; every running request shares its decode steps."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        from serving.scheduler import Scheduler
+        from serving.tokenizer import TextTokenizer
+
+        torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+        model = load_serving_model(config)
+        tokenizer = TextTokenizer(model_dir(config))
+        self.scheduler = Scheduler(model, config.scheduler, decode=tokenizer.decode)
+
+    async def generate(self, job: dict) -> AsyncIterator[dict]:
+        from serving.scheduler import run_job
+
+        async for item in run_job(self.scheduler, job):
+            yield item
+
+    async def stats(self) -> dict:
+        return self.scheduler.stats() | {"in_flight": self.scheduler.in_flight}
+
+    async def drain(self) -> dict:
+        """Refuse new requests (503) from now on; those in flight go on to the end."""
+        self.scheduler.draining = True
+        return await self.stats()
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """The HTTP front: builds the FastAPI app once the replica knows its router."""
+
+    def __init__(self, router: DeploymentHandle, config: ServeConfig) -> None:
+        from serving.ingress import ModelInfo
+
+        self.router = router
+        self.config = config
+        path = model_dir(config)
+        named = config.model_copy(update={"served_model_name": served_name(config)})
+        self.info = ModelInfo.load(path, named)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serving.ingress import build_api
+
+        return build_api(self._generate, self._stats, self.info, self.config)
+
+    def _generate(self, job: dict) -> AsyncIterator[dict]:
+        return self.router.options(stream=True).generate.remote(job)
+
+    async def _stats(self) -> dict:
+        return await self.router.stats.remote()
+
+
+def application(config: ServeConfig) -> Application:
+    """The bound application for `serve.run`."""
+    ongoing = config.max_ongoing_requests
+    gpu = 1 if config.device.startswith("cuda") else 0
+    router = Router.options(
+        # Ray Serve's default of 5 would cap the batch (DESIGN.md section 7); our own scheduler
+        # queue bounds the work, so the router takes everything the ingress sends.
+        max_ongoing_requests=ongoing,
+        ray_actor_options={"num_cpus": 0, "num_gpus": gpu},
+    ).bind(config)
+    return Ingress.options(
+        max_ongoing_requests=ongoing,
+        # Beyond that the proxy queues, bounded too: 503 with Retry-After, as our own queue does.
+        max_queued_requests=ongoing,
+        backpressure_config={"status_code": 503, "retry_after_s": config.limits.retry_after_s},
+        ray_actor_options={"num_cpus": 0},
+    ).bind(router, config)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Ray Serve's application builder: `args` are ServeConfig fields (see configs/serve.yaml).
+
+    MOE_SERVE_API_KEY supplies the API key when `args` has none, so it need not sit in a file.
+    """
+    args = dict(args or {})
+    if not args.get("api_key") and os.environ.get("MOE_SERVE_API_KEY"):
+        args["api_key"] = os.environ["MOE_SERVE_API_KEY"]
+    return application(config_from_args(args))

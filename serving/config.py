@@ -1,0 +1,141 @@
+"""The serving configuration: one tree of frozen pydantic models, passed down.
+
+`configs/serve.yaml` is a Ray Serve config file (`serve run` / `serve deploy` read it as is); the
+moe-serve settings are the `args` of its application and `http_options` gives host and port. So one
+file configures both `moe-serve up --config` and Ray Serve's own tools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serving.errors import UserError
+
+
+class SchedulerConfig(BaseModel):
+    """Continuous batching: KV cache slots, the per-step token budget and the waiting queue."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # KV cache slots: at most this many sequences are in flight; the cache's memory is fixed by
+    # max_batch_slots x max_seq_len.
+    max_batch_slots: int = Field(16, gt=0)
+    # Tokens one slot holds (prompt + output); capped by the model's context.
+    max_seq_len: int = Field(2048, gt=1)
+    # Prefill and decode tokens one step may run; long prompts are prefilled in chunks.
+    step_token_budget: int = Field(512, gt=0)
+    # Requests waiting for a slot; one more is answered 503 with Retry-After.
+    max_queue: int = Field(64, ge=0)
+
+    @model_validator(mode="after")
+    def _decodes_fit(self) -> SchedulerConfig:
+        # Every running sequence decodes one token per step, so all of them must fit the budget.
+        if self.step_token_budget < self.max_batch_slots:
+            raise ValueError(
+                f"step_token_budget ({self.step_token_budget}) must be at least "
+                f"max_batch_slots ({self.max_batch_slots})"
+            )
+        return self
+
+
+class LimitsConfig(BaseModel):
+    """What one HTTP request may cost the server before it is turned away."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header on 503
+    max_stop_strings: int = Field(4, ge=0)
+
+
+class ServeConfig(BaseModel):
+    """Everything `moe-serve up` and the Serve application need."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    model: str | None = None  # checkpoint directory; None is the demo model
+    served_model_name: str | None = None  # the name clients send; default: the directory's name
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    # torch intra-op threads in the router; 0: every core. Ray forces OMP_NUM_THREADS=1 on an actor
+    # that reserves no CPU, which would run the model on one core.
+    torch_threads: int = Field(0, ge=0)
+    expert_shards: int = Field(0, ge=0)
+    redundant_experts: int = Field(0, ge=0)
+    # Ray Serve's default of 5 silently caps concurrency (DESIGN.md section 7): set explicitly.
+    max_ongoing_requests: int = Field(256, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _router_takes_the_queue(self) -> ServeConfig:
+        # Below this, Ray Serve would queue requests unseen by our bounded queue (no 503).
+        need = self.scheduler.max_batch_slots + self.scheduler.max_queue
+        if self.max_ongoing_requests < need:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
+                f"scheduler.max_batch_slots + scheduler.max_queue ({need})"
+            )
+        return self
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """The first error of a pydantic ValidationError as one line naming the field."""
+    err = exc.errors()[0]
+    loc = ".".join(error_path(err["loc"]))
+    field = ".".join(p for p in (prefix, loc) if p) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{field}: {msg}"
+
+
+def error_path(loc: tuple) -> list[str]:
+    """A pydantic error location without the union-member tags it inserts (`str`, `list[int]`)."""
+    tags = {"str", "int", "float", "bool", "none", "list", "dict"}
+    return [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in tags))]
+
+
+def config_from_args(args: dict[str, Any] | None, source: str = "args") -> ServeConfig:
+    """Validate an application's `args` mapping (as Ray Serve passes it) into a ServeConfig."""
+    try:
+        return ServeConfig.model_validate(args or {})
+    except ValidationError as exc:
+        raise UserError(validation_message(exc, source)) from None
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    """Read a Ray Serve config YAML: `http_options` host/port and the first application's args."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping (a Ray Serve config file)")
+    apps = raw.get("applications") or [{}]
+    if not isinstance(apps, list) or not isinstance(apps[0], dict):
+        raise UserError(f"{path}: applications: expected a list of mappings")
+    args = dict(apps[0].get("args") or {})
+    http = raw.get("http_options") or {}
+    if not isinstance(http, dict):
+        raise UserError(f"{path}: http_options: expected a mapping")
+    for key in ("host", "port"):
+        if key in http:
+            args.setdefault(key, http[key])
+    return config_from_args(args, f"{path}: applications[0].args")
+
+
+def with_overrides(config: ServeConfig, **values: Any) -> ServeConfig:
+    """A copy with the given fields replaced (None means keep), validated again."""
+    data = config.model_dump()
+    data.update({k: v for k, v in values.items() if v is not None})
+    return config_from_args(data, "option")

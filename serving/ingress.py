@@ -1,0 +1,389 @@
+"""The OpenAI-compatible HTTP API (FastAPI): auth, body limit, validation, tokenization, streaming.
+
+The ingress turns a request into a job (prompt token ids + sampling parameters) for a backend (the
+router deployment, or a scheduler in-process) and turns the backend's events back into OpenAI
+responses or server-sent events. Every client mistake is a 4xx with OpenAI's error object; a full
+queue is a prompt 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from serving import protocol as p
+from serving.config import ServeConfig
+from serving.errors import UserError
+from serving.generate import SamplingParams
+from serving.tokenizer import TextTokenizer
+
+# generate(job) -> events (the first says admitted or rejected); stats() -> scheduler numbers.
+Generate = Callable[[dict], AsyncIterator[dict]]
+Stats = Callable[[], Awaitable[dict]]
+
+
+@dataclass
+class ModelInfo:
+    """What the ingress needs to know about the served model, without its weights."""
+
+    name: str
+    path: str
+    tokenizer: TextTokenizer
+    context: int  # prompt + output tokens one request may use
+    vocab_size: int
+    eos_ids: tuple[int, ...]
+    _token_texts: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str, config: ServeConfig) -> ModelInfo:
+        from experts.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(path)
+        c = ckpt.config
+        ckpt.close()
+        return cls(
+            name=config.served_model_name or Path(path).name,
+            path=path,
+            tokenizer=TextTokenizer(path),
+            context=min(config.scheduler.max_seq_len, c.max_position_embeddings),
+            vocab_size=c.vocab_size,
+            eos_ids=c.eos_ids,
+        )
+
+    def token_text(self, token: int) -> str:
+        if token not in self._token_texts:
+            self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._token_texts[token]
+
+
+def error_response(err: p.ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def build_api(generate: Generate, stats: Stats, info: ModelInfo, config: ServeConfig) -> FastAPI:
+    """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+    api = FastAPI(title="moe-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    ctx = _Context(generate, info, config)
+
+    @api.exception_handler(p.ApiError)
+    async def _api_error(_: Request, exc: p.ApiError) -> JSONResponse:
+        return error_response(exc)
+
+    @api.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(p.ApiError(exc.status_code, str(exc.detail), kind))
+
+    @api.get("/health")
+    async def health() -> dict:
+        detail = await stats()
+        return {"status": "draining" if detail.get("draining") else "ok", "scheduler": detail}
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> dict:
+        ctx.authorize(request)
+        card = {"id": info.name, "object": "model", "created": 0, "owned_by": "moe-serve"}
+        extra = {"max_model_len": info.context, "vocab_size": info.vocab_size}
+        return {"object": "list", "data": [card | extra]}
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        ctx.authorize(request)
+        req = p.parse_request(await ctx.read_body(request), p.CompletionRequest)
+        return await ctx.complete(req)
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        ctx.authorize(request)
+        req = p.parse_request(await ctx.read_body(request), p.ChatCompletionRequest)
+        return await ctx.chat(req)
+
+    return api
+
+
+class _Context:
+    """The request handling the routes share."""
+
+    def __init__(self, generate: Generate, info: ModelInfo, config: ServeConfig) -> None:
+        self.generate, self.info, self.config = generate, info, config
+
+    # -- checks before any work ------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise p.ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                "invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it passes the limit (before any parsing)."""
+        limit = self.config.limits.max_body_bytes
+        too_large = p.ApiError(
+            413, f"the request body exceeds {limit} bytes", code="request_too_large"
+        )
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    def check_model(self, name: str) -> None:
+        if name not in (self.info.name, self.info.path):
+            raise p.ApiError(
+                404,
+                f"model '{name}' is not served here; this server serves '{self.info.name}'",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            )
+
+    # -- the two endpoints -----------------------------------------------------------------------
+
+    async def complete(self, req: p.CompletionRequest) -> Response:
+        self.check_model(req.model)
+        if isinstance(req.prompt, str):
+            ids, prompt_text = self.info.tokenizer.encode(req.prompt), req.prompt
+        else:
+            ids, prompt_text = self._check_ids(req.prompt), None
+        if req.echo and req.logprobs is not None:
+            raise p.ApiError(400, "echo with logprobs is not supported", param="echo")
+        job = self._job(req, ids, req.max_tokens or 16, "prompt", req.logprobs)
+        events = await self._admit(job)
+        rid = p.new_id("cmpl")
+        echo = (prompt_text if prompt_text is not None else self._decode(ids)) if req.echo else ""
+        out = _Output(self.info, len(ids), echo)
+        if req.stream:
+            return self._sse(out.completion_stream(events, rid, req.include_usage))
+        await out.collect(events)
+        lp = out.completion_logprobs() if req.logprobs is not None else None
+        return JSONResponse(
+            p.completion_response(rid, self.info.name, echo + out.text, out.finish, out.usage, lp)
+        )
+
+    async def chat(self, req: p.ChatCompletionRequest) -> Response:
+        self.check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = self.info.tokenizer.encode_chat(messages)
+        except UserError as exc:
+            raise p.ApiError(400, str(exc), param="messages") from None
+        limit = req.token_limit or max(1, self.info.context - len(ids))
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        job = self._job(req, ids, limit, "messages", top)
+        events = await self._admit(job)
+        rid = p.new_id("chatcmpl")
+        out = _Output(self.info, len(ids))
+        if req.stream:
+            return self._sse(out.chat_stream(events, rid, req.include_usage))
+        await out.collect(events)
+        lp = out.chat_logprobs() if req.logprobs else None
+        return JSONResponse(
+            p.chat_response(rid, self.info.name, out.text, out.finish, out.usage, lp)
+        )
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise p.ApiError(
+                400,
+                f"token id {bad[0]} is outside the vocabulary (0..{self.info.vocab_size - 1})",
+                param="prompt",
+            )
+        return ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.info.tokenizer.decode(ids)
+
+    def _job(self, req: Any, ids: list[int], max_tokens: int, where: str, logprobs) -> dict:
+        """Check lengths and stop strings; the job the backend runs."""
+        context = self.info.context
+        if not ids:
+            raise p.ApiError(400, "the prompt is empty", param=where)
+        if len(ids) >= context:
+            raise p.ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens; the context is {context} tokens "
+                "(prompt + output): shorten it",
+                param=where,
+                code="context_length_exceeded",
+            )
+        if len(ids) + max_tokens > context:
+            raise p.ApiError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                f"{context} tokens: lower max_tokens to at most {context - len(ids)}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if len(req.stop) > self.config.limits.max_stop_strings:
+            raise p.ApiError(
+                400, f"at most {self.config.limits.max_stop_strings} stop strings", param="stop"
+            )
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop_token_ids=() if req.ignore_eos else self.info.eos_ids,
+        )
+        return {
+            "prompt": ids,
+            "params": params.model_dump(),
+            "stop": req.stop,
+            "logprobs": logprobs,
+        }
+
+    async def _admit(self, job: dict) -> AsyncIterator[dict]:
+        """Start the job; a full queue answers 503 with Retry-After before anything is sent."""
+        events = aiter(self.generate(job))
+        first = await anext(events)
+        if "rejected" in first:
+            await _close(events)
+            retry = str(self.config.limits.retry_after_s)
+            raise p.ApiError(
+                503,
+                f"the server is busy ({first['rejected']}); retry after {retry} s",
+                "server_overloaded",
+                code="queue_full",
+                headers={"Retry-After": retry},
+            )
+        return events
+
+    @staticmethod
+    def _sse(chunks: AsyncIterator[bytes]) -> StreamingResponse:
+        return StreamingResponse(
+            chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+
+async def _close(events: AsyncIterator[dict]) -> None:
+    """Close a backend stream early (its request is then cancelled)."""
+    for name in ("aclose", "cancel"):
+        method = getattr(events, name, None)
+        if method is not None:
+            result = method()
+            if hasattr(result, "__await__"):
+                await result
+            return
+
+
+class _Output:
+    """Accumulates one request's events into text, logprobs, finish reason and usage."""
+
+    def __init__(self, info: ModelInfo, prompt_tokens: int, echo: str = "") -> None:
+        self.info, self.prompt_tokens, self.echo = info, prompt_tokens, echo
+        self.text, self.finish = "", None
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.tops: list[dict[int, float]] = []
+
+    @property
+    def usage(self) -> dict:
+        return p.usage(self.prompt_tokens, len(self.tokens))
+
+    def add(self, event: dict) -> str:
+        """Record one event; returns its new text. A backend failure raises ApiError 500."""
+        if event.get("error"):
+            raise p.ApiError(500, f"generation failed: {event['error']}", "server_error")
+        if event.get("token") is not None:
+            self.tokens.append(event["token"])
+            if event.get("logprob") is not None:
+                self.logprobs.append(event["logprob"])
+                self.tops.append(event.get("top_logprobs") or {})
+        self.text += event.get("text", "")
+        self.finish = event.get("finish_reason")
+        return event.get("text", "")
+
+    async def collect(self, items: AsyncIterator[dict]) -> None:
+        try:
+            async for item in items:
+                for event in item["events"]:
+                    self.add(event)
+        finally:
+            await _close(items)
+
+    def completion_logprobs(self, start: int = 0, offset: int = 0) -> dict:
+        return p.completion_logprobs(
+            self.tokens[start:],
+            self.logprobs[start:],
+            self.tops[start:],
+            self.info.token_text,
+            offset,
+        )
+
+    def chat_logprobs(self, start: int = 0) -> dict:
+        return p.chat_logprobs(
+            self.tokens[start:], self.logprobs[start:], self.tops[start:], self.info.token_text
+        )
+
+    async def completion_stream(
+        self, events: AsyncIterator[dict], rid: str, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        name = self.info.name
+        try:
+            if self.echo:
+                yield p.sse(p.completion_chunk(rid, name, self.echo))
+            async for item in events:
+                # One SSE event per token as OpenAI sends them, written in one go per batch.
+                out = b""
+                for event in item["events"]:
+                    n, offset = len(self.tokens), len(self.echo) + len(self.text)
+                    text = self.add(event)
+                    lp = self.completion_logprobs(n, offset) if self.logprobs else None
+                    out += p.sse(p.completion_chunk(rid, name, text, self.finish, lp))
+                yield out
+            if include_usage:
+                yield p.sse(p.usage_chunk(rid, name, "text_completion", self.usage))
+        except p.ApiError as exc:
+            yield p.sse(exc.body())
+        finally:
+            await _close(events)
+        yield p.SSE_DONE
+
+    async def chat_stream(
+        self, events: AsyncIterator[dict], rid: str, include_usage: bool
+    ) -> AsyncIterator[bytes]:
+        name = self.info.name
+        try:
+            # OpenAI's first chunk carries the role and empty content.
+            yield p.sse(p.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
+            async for item in events:
+                out = b""
+                for event in item["events"]:
+                    n = len(self.tokens)
+                    text = self.add(event)
+                    lp = self.chat_logprobs(n) if self.logprobs else None
+                    if text or lp:
+                        out += p.sse(p.chat_chunk(rid, name, {"content": text}, None, lp))
+                    if self.finish is not None:
+                        out += p.sse(p.chat_chunk(rid, name, {}, self.finish))
+                if out:
+                    yield out
+            if include_usage:
+                yield p.sse(p.usage_chunk(rid, name, "chat.completion.chunk", self.usage))
+        except p.ApiError as exc:
+            yield p.sse(exc.body())
+        finally:
+            await _close(events)
+        yield p.SSE_DONE

@@ -1,0 +1,320 @@
+"""Continuous batching: iteration-level scheduling over a slot-based KV cache.
+
+Each step (1) drops cancelled sequences and frees their slots, (2) gives every running sequence one
+decode token, (3) spends what is left of the step's token budget on prefill, admitting waiting
+requests into free slots and splitting long prompts into chunks, (4) runs the forward passes in a
+worker thread so the event loop keeps serving HTTP, and (5) samples, streams each sequence's new
+token and finishes sequences on their own (max_tokens, a stop token, a stop string). A request that
+finds no free slot waits in a bounded queue; one that finds the queue full is refused (QueueFull).
+
+Ray-free on purpose: the router deployment wraps it, tests drive it in-process.
+Shape legend: B sequences in a step, S new tokens per sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from serving.config import SchedulerConfig
+from serving.detokenize import Decode, TextStream
+from serving.generate import SamplingParams, sample
+from serving.model import MixtralModel
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit (or the scheduler drains): retry later."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """One streamed update of a request: a new token, and/or the reason it finished."""
+
+    token: int | None = None
+    text: str = ""  # text now final (needs a decode function; see detokenize.TextStream)
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's state inside the scheduler."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    logprobs: int | None  # how many top alternatives to report; None: no logprobs
+    text: TextStream | None
+    gen: torch.Generator | None
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    slot: int | None = None
+    cached: int = 0  # tokens written into the slot's cache
+    output: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.prompt)
+
+
+@dataclass
+class StepPlan:
+    decodes: list[Sequence]
+    prefills: list[tuple[Sequence, int]]  # (sequence, chunk length)
+
+
+class Scheduler:
+    """Submit requests, stream their events; `run_forever` is started on the first submit."""
+
+    def __init__(
+        self, model: MixtralModel, config: SchedulerConfig, decode: Decode | None = None
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.max_len = min(config.max_seq_len, model.config.max_position_embeddings)
+        self.cache = model.new_cache(config.max_batch_slots, self.max_len)
+        self.free_slots = deque(range(config.max_batch_slots))
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.decode = decode
+        self.draining = False
+        # Decode rows per step: the batch of one forward call, what continuous batching buys.
+        self.step_batch_sizes: deque[int] = deque(maxlen=4096)
+        self.step_tokens: deque[int] = deque(maxlen=4096)  # prefill + decode tokens per step
+        self.max_step_batch = 0
+        self.steps = 0
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # -- the public interface -------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        stop: tuple[str, ...] = (),
+        logprobs: int | None = None,
+    ) -> Sequence:
+        """Queue a request. Raises QueueFull when the queue is at its limit or draining."""
+        if self.draining:
+            raise QueueFull("the server is shutting down")
+        # Requests that a free slot will take at the next step do not count as queued.
+        if len(self.waiting) >= self.config.max_queue + len(self.free_slots):
+            raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
+        if not prompt or len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) must fit "
+                f"{self.max_len} tokens"
+            )
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        text = TextStream(self.decode, stop) if self.decode else None
+        seq = Sequence(next(self._ids), list(prompt), params, logprobs, text, gen)
+        self.waiting.append(seq)
+        self._ensure_running()
+        self._wake.set()
+        return seq
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[Event]:
+        """The request's events until it finishes; closing the iterator early cancels it."""
+        async for events in self.stream_batches(seq):
+            for event in events:
+                yield event
+
+    async def stream_batches(self, seq: Sequence) -> AsyncIterator[list[Event]]:
+        """Like `stream`, but each item holds every event ready at the time: a consumer slower
+        than the model (an HTTP hop per item) then pays its per-item cost once per batch."""
+        try:
+            while True:
+                events = [await seq.events.get()]
+                while not seq.events.empty():
+                    events.append(seq.events.get_nowait())
+                yield events
+                if events[-1].finish_reason is not None:
+                    return
+        finally:
+            self.cancel(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop working on a request (client gone); its slot is freed before the next step."""
+        if not seq.done:
+            seq.cancelled = True
+            self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "free_slots": len(self.free_slots),
+            "steps": self.steps,
+            "max_step_batch": self.max_step_batch,
+            "draining": self.draining,
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self.run_forever())
+
+    async def run_forever(self) -> None:
+        while True:
+            self._reap()
+            plan = self._plan()
+            if not plan.decodes and not plan.prefills:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                results = await asyncio.to_thread(self._execute, plan)
+            except Exception as exc:  # a failed step fails its sequences, never the loop
+                log.exception("scheduler step failed")
+                self._fail([*plan.decodes, *(s for s, _ in plan.prefills)], exc)
+                continue
+            self._record(plan)
+            for seq, logits in results:
+                self._emit(seq, logits)
+
+    def _reap(self) -> None:
+        """Free the slots of finished and cancelled sequences; drop cancelled waiters."""
+        for seq in self.running:
+            if seq.cancelled:
+                seq.done = True
+        for seq in [s for s in self.running if s.done]:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+        self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
+    def _plan(self) -> StepPlan:
+        """Decodes first (one token each), then prefill chunks within the remaining budget."""
+        decodes = [s for s in self.running if not s.prefilling]
+        budget = self.config.step_token_budget - len(decodes)
+        prefills = []
+        for seq in [s for s in self.running if s.prefilling]:
+            if budget <= 0:
+                break
+            n = min(budget, len(seq.prompt) - seq.cached)
+            prefills.append((seq, n))
+            budget -= n
+        while budget > 0 and self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = self.free_slots.popleft()
+            self.running.append(seq)
+            n = min(budget, len(seq.prompt))
+            prefills.append((seq, n))
+            budget -= n
+        return StepPlan(decodes, prefills)
+
+    def _execute(self, plan: StepPlan) -> list[tuple[Sequence, torch.Tensor | None]]:
+        """Runs in the worker thread: the forward passes only, no scheduler state changes.
+
+        Returns each sequence with its next-token logits [V], or None for a partial prefill.
+        """
+        out: list[tuple[Sequence, torch.Tensor | None]] = []
+        if plan.decodes:
+            ids = torch.tensor([[s.output[-1]] for s in plan.decodes])  # [B, 1]
+            start = torch.tensor([s.cached for s in plan.decodes])
+            slots = torch.tensor([s.slot for s in plan.decodes])
+            logits = self.model(ids, cache=self.cache, start_pos=start, slots=slots, last_only=True)
+            out += [(s, logits[i, -1]) for i, s in enumerate(plan.decodes)]
+        for seq, n in plan.prefills:
+            # Rows of one forward share S, so each prompt chunk is its own call (B=1).
+            chunk = torch.tensor([seq.prompt[seq.cached : seq.cached + n]])  # [1, S]
+            logits = self.model(
+                chunk,
+                cache=self.cache,
+                start_pos=seq.cached,
+                slots=torch.tensor([seq.slot]),
+                last_only=True,
+            )
+            ends_prompt = seq.cached + n == len(seq.prompt)
+            out.append((seq, logits[0, -1] if ends_prompt else None))
+        return out
+
+    def _record(self, plan: StepPlan) -> None:
+        for seq in plan.decodes:
+            seq.cached += 1
+        for seq, n in plan.prefills:
+            seq.cached += n
+        self.steps += 1
+        self.step_batch_sizes.append(len(plan.decodes))
+        self.step_tokens.append(len(plan.decodes) + sum(n for _, n in plan.prefills))
+        self.max_step_batch = max(self.max_step_batch, len(plan.decodes))
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor | None) -> None:
+        """Sample the sequence's next token from logits [V] and stream it."""
+        if logits is None or seq.cancelled:
+            return
+        token = int(sample(logits[None], seq.params, seq.gen)[0])
+        seq.output.append(token)
+        logprob, top = self._logprobs(seq, logits, token)
+        text = seq.text.push(token) if seq.text else ""
+        finish = self._finish_reason(seq, token)
+        if finish is not None:
+            seq.done = True
+            if seq.text and not seq.text.stopped:
+                text += seq.text.flush()
+        seq.events.put_nowait(Event(token, text, logprob, top, finish))
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        if token in seq.params.stop_token_ids or (seq.text and seq.text.stopped):
+            return "stop"
+        # The new token would be written at position `cached`: the slot must have room for it.
+        if len(seq.output) >= seq.params.max_tokens or seq.cached >= self.max_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _logprobs(seq: Sequence, logits: torch.Tensor, token: int):
+        """The chosen token's log-probability under the model (before temperature) and the top-k."""
+        if seq.logprobs is None:
+            return None, None
+        lp = torch.log_softmax(logits.float(), dim=-1)  # [V]
+        top = lp.topk(seq.logprobs) if seq.logprobs > 0 else None
+        alternatives = (
+            {int(i): float(v) for v, i in zip(top.values, top.indices, strict=True)} if top else {}
+        )
+        return float(lp[token]), alternatives
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            if not seq.done:
+                seq.done = True
+                seq.events.put_nowait(Event(finish_reason="error", error=str(exc) or repr(exc)))
+
+
+async def run_job(scheduler: Scheduler, job: dict) -> AsyncIterator[dict]:
+    """The wire form the router serves: a job dict in, items {"events": [event dicts]} out.
+
+    The first item says whether the request was admitted ({"admitted": True}) or refused
+    ({"rejected": reason}), so the ingress can answer 503 before it sends any response header.
+    Closing this generator early (client gone) cancels the request.
+    """
+    try:
+        seq = scheduler.submit(
+            job["prompt"],
+            SamplingParams(**job["params"]),
+            tuple(job.get("stop", ())),
+            job.get("logprobs"),
+        )
+    except QueueFull as exc:
+        yield {"rejected": str(exc)}
+        return
+    yield {"admitted": True}
+    async for events in scheduler.stream_batches(seq):
+        yield {"events": [asdict(e) for e in events]}

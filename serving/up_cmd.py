@@ -1,0 +1,168 @@
+"""`moe-serve up`: start (or join) Ray, deploy the HTTP application, serve until told to stop.
+
+On Ctrl-C or SIGTERM it (1) stops admitting requests (new ones get 503 with Retry-After), (2) waits
+for the requests in flight to finish, at most `drain_timeout_s`, (3) deletes the application and
+shuts Serve down, and (4) stops the Ray it started (a joined cluster is left running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+from serving.config import ServeConfig, load_config, with_overrides
+
+
+def add_subcommand(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="serve the OpenAI-compatible HTTP API on Ray Serve")
+    p.add_argument("--model", metavar="DIR", help="Mixtral checkpoint directory (default: demo)")
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--expert-shards", type=int, metavar="N", help="ExpertShard actors (0: none)")
+    p.add_argument("--redundant-experts", type=int, metavar="R", help="extra expert replicas")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or MOE_SERVE_API_KEY)")
+    p.add_argument("--config", metavar="YAML", help="a Ray Serve config file (configs/serve.yaml)")
+    p.add_argument(
+        "--address", help="join this Ray cluster (or RAY_ADDRESS) instead of starting one"
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="torch device of the router, e.g. cpu or cuda:0")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
+    p.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace) -> ServeConfig:
+    """The config file (if any), then the flags; the API key may come from MOE_SERVE_API_KEY."""
+    config = load_config(args.config) if args.config else ServeConfig()
+    return with_overrides(
+        config,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        expert_shards=args.expert_shards,
+        redundant_experts=args.redundant_experts,
+        api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
+        dtype=args.dtype,
+        device=args.device,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.app import expert_options, model_dir
+    from serving.ingress import ModelInfo
+
+    config = resolve_config(args)
+    # Fail here, in one line, rather than inside a replica: the checkpoint and the options.
+    expert_options(config)
+    ModelInfo.load(model_dir(config), config)
+    started_ray = _start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.dashboard)
+    stop = _stop_event()  # after ray.init, which installs a SIGTERM handler that exits at once
+    try:
+        _deploy(config)
+        _announce(config)
+        while not stop.wait(0.5):
+            pass
+        print("moe-serve up: stopping: draining requests in flight", file=sys.stderr, flush=True)
+        _drain(config.drain_timeout_s)
+    finally:
+        _shutdown(started_ray)
+    print("moe-serve up: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _stop_event() -> threading.Event:
+    """Set by SIGINT or SIGTERM; a second signal interrupts the drain."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def _start_ray(address: str | None, dashboard: bool) -> bool:
+    """Join `address` or start a local Ray; True when we started it (and so must stop it)."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(include_dashboard=dashboard, log_to_driver=False)
+    return True
+
+
+def _deploy(config: ServeConfig) -> None:
+    from ray import serve
+
+    from serving.app import APP_NAME, application
+
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(application(config), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def _announce(config: ServeConfig) -> None:
+    from serving.app import served_name
+
+    base = f"http://{config.host}:{config.port}"
+    auth = ' -H "Authorization: Bearer $MOE_SERVE_API_KEY"' if config.api_key else ""
+    body = f'{{"model": "{served_name(config)}", "prompt": "Hello, MoE", "max_tokens": 16}}'
+    lines = [
+        f"moe-serve up: serving {served_name(config)} at {base}",
+        f"  POST {base}/v1/completions",
+        f"  POST {base}/v1/chat/completions",
+        f"  GET  {base}/v1/models",
+        f"  GET  {base}/health",
+        "try:",
+        f"  curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
+        "Ctrl-C or SIGTERM stops it (requests in flight finish first).",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _drain(timeout_s: float) -> None:
+    """Stop admitting, then wait until nothing is in flight or the timeout passes."""
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    try:
+        router = serve.get_deployment_handle("Router", app_name=APP_NAME)
+        stats = router.drain.remote().result(timeout_s=10)
+        deadline = time.monotonic() + timeout_s
+        while stats.get("in_flight", 0) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            stats = router.stats.remote().result(timeout_s=10)
+        if stats.get("in_flight", 0) > 0:
+            print(
+                f"moe-serve up: {stats['in_flight']} requests still in flight after "
+                f"{timeout_s} s; stopping anyway",
+                file=sys.stderr,
+            )
+    except Exception as exc:  # the drain is best effort: shutting down must go on
+        print(f"moe-serve up: drain failed: {exc}", file=sys.stderr)
+
+
+def _shutdown(started_ray: bool) -> None:
+    import ray
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    try:
+        # Deleting the app first lets its replicas finish what they still send (graceful).
+        serve.delete(APP_NAME)
+        if started_ray:
+            serve.shutdown()  # a joined cluster keeps its Serve instance and other apps
+    except Exception as exc:  # Ray's own shutdown below still stops everything we started
+        print(f"moe-serve up: Serve shutdown: {exc}", file=sys.stderr)
+    finally:
+        ray.shutdown()

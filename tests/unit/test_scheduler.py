@@ -1,0 +1,243 @@
+"""Continuous batching against the in-process reference `generate`, on the demo model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from serving import load_model
+from serving.config import SchedulerConfig
+from serving.detokenize import TextStream
+from serving.generate import SamplingParams, generate
+from serving.scheduler import QueueFull, Scheduler, run_job
+from serving.tokenizer import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def model(demo_path):
+    return load_model(demo_path)
+
+
+@pytest.fixture(scope="module")
+def tok(demo_path):
+    return TextTokenizer(demo_path)
+
+
+def prompts(n: int, length: int = 6, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 500, (length + i % 5,), generator=g).tolist() for i in range(n)]
+
+
+async def collect(sched: Scheduler, seq) -> list:
+    return [e async for e in sched.stream(seq)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_batch_and_match_generate(model):
+    """Many requests at once: each equals the reference, and decodes really shared a forward."""
+    ps = prompts(12)
+    params = [SamplingParams(max_tokens=5 + i % 7) for i in range(12)]
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=8, step_token_budget=64))
+        seqs = [s.submit(p, q) for p, q in zip(ps, params, strict=True)]
+        outs = await asyncio.gather(*(collect(s, q) for q in seqs))
+        return s, outs
+
+    s, outs = run(main())
+    for p, q, events in zip(ps, params, outs, strict=True):
+        assert [e.token for e in events] == list(generate(model, p, q))
+        assert events[-1].finish_reason == "length"
+        assert all(e.finish_reason is None for e in events[:-1])
+    assert s.max_step_batch > 1
+    assert max(s.step_batch_sizes) <= 8  # never more rows than KV slots
+    assert len(s.free_slots) == 8 and not s.running and not s.waiting
+
+
+def test_requests_wait_for_a_slot_and_prompts_prefill_in_chunks(model):
+    """2 slots, 5 requests, a budget smaller than the prompts: all finish, within the budget."""
+    ps = prompts(5, length=20, seed=1)
+    q = SamplingParams(max_tokens=6)
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=2, step_token_budget=7))
+        seqs = [s.submit(p, q) for p in ps]
+        return s, await asyncio.gather(*(collect(s, x) for x in seqs))
+
+    s, outs = run(main())
+    for p, events in zip(ps, outs, strict=True):
+        assert [e.token for e in events] == list(generate(model, p, q))
+    assert max(s.step_tokens) <= 7
+    assert max(s.step_batch_sizes) == 2
+
+
+def test_stop_token_and_seeded_sampling_match_generate(model):
+    p = prompts(1, seed=2)[0]
+    greedy = list(generate(model, p, SamplingParams(max_tokens=8)))
+    stop = SamplingParams(max_tokens=8, stop_token_ids=(greedy[2],))
+    hot = SamplingParams(max_tokens=8, temperature=1.3, top_p=0.9, seed=11)
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=4, step_token_budget=16))
+        a, b = s.submit(p, stop), s.submit(p, hot)
+        return await collect(s, a), await collect(s, b)
+
+    stopped, sampled = run(main())
+    assert [e.token for e in stopped] == greedy[:3]
+    assert stopped[-1].finish_reason == "stop"
+    assert [e.token for e in sampled] == list(generate(model, p, hot))
+
+
+def test_stop_string_ends_the_request_and_is_not_returned(model, tok):
+    ids = tok.encode("The quick brown fox")
+    params = SamplingParams(max_tokens=24)
+    full = tok.decode(list(generate(model, ids, params)))
+    stop = full[5:8]
+    assert stop and full.find(stop) == 5  # the stop string first occurs where we cut
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(), decode=tok.decode)
+        return await collect(s, s.submit(ids, params, stop=(stop,)))
+
+    events = run(main())
+    assert "".join(e.text for e in events) == full[:5]
+    assert events[-1].finish_reason == "stop"
+    assert len(events) < 24
+
+
+def test_streamed_text_adds_up_to_the_decoded_output(model, tok):
+    ids = tok.encode("Hello, world!")
+    params = SamplingParams(max_tokens=20)
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(), decode=tok.decode)
+        return await collect(s, s.submit(ids, params))
+
+    events = run(main())
+    assert "".join(e.text for e in events) == tok.decode([e.token for e in events])
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    p = prompts(1, seed=3)[0]
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig())
+        return await collect(s, s.submit(p, SamplingParams(max_tokens=1), logprobs=3))
+
+    (event,) = run(main())
+    lp = torch.log_softmax(model(torch.tensor([p]))[0, -1].float(), -1)
+    assert event.logprob == pytest.approx(float(lp[event.token]), abs=1e-4)
+    assert list(event.top_logprobs) == lp.topk(3).indices.tolist()
+
+
+def test_full_queue_refuses_and_draining_refuses(model):
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=1, step_token_budget=4, max_queue=1))
+        p, q = prompts(1)[0], SamplingParams(max_tokens=2)
+        first, second = s.submit(p, q), s.submit(p, q)  # one takes the slot, one waits
+        with pytest.raises(QueueFull):
+            s.submit(p, q)
+        await asyncio.gather(collect(s, first), collect(s, second))
+        s.draining = True
+        with pytest.raises(QueueFull):
+            s.submit(p, q)
+
+    run(main())
+
+
+def test_cancel_frees_the_slot_for_the_next_request(model):
+    """A client that goes away mid-stream: its slot serves the next request."""
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=1, step_token_budget=8))
+        p = prompts(1)[0]
+        long = s.submit(p, SamplingParams(max_tokens=500))
+        stream = s.stream(long)
+        await anext(stream)
+        await stream.aclose()  # what a disconnect does
+        short = s.submit(p, SamplingParams(max_tokens=3))
+        events = await collect(s, short)
+        return s, long, events
+
+    s, long, events = run(main())
+    assert len(events) == 3 and events[-1].finish_reason == "length"
+    assert long.cancelled and len(long.output) < 500
+    assert len(s.free_slots) == 1
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_survives(model):
+    class Flaky:
+        config = model.config
+        calls = 0
+
+        def new_cache(self, *a):
+            return model.new_cache(*a)
+
+        def __call__(self, *a, **k):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("expert shard lost")
+            return model(*a, **k)
+
+    async def main():
+        s = Scheduler(Flaky(), SchedulerConfig(max_batch_slots=2, step_token_budget=32))
+        p = prompts(1)[0]
+        failed = await collect(s, s.submit(p, SamplingParams(max_tokens=3)))
+        ok = await collect(s, s.submit(p, SamplingParams(max_tokens=3)))
+        return s, failed, ok
+
+    s, failed, ok = run(main())
+    assert failed[-1].finish_reason == "error" and "expert shard lost" in failed[-1].error
+    assert [e.token for e in ok] == list(
+        generate(model, prompts(1)[0], SamplingParams(max_tokens=3))
+    )
+    assert len(s.free_slots) == 2
+
+
+def test_run_job_says_admitted_or_rejected_first(model):
+    job = {"prompt": prompts(1)[0], "params": {"max_tokens": 2}, "stop": [], "logprobs": None}
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=1, step_token_budget=8, max_queue=0))
+        busy = run_job(s, job)
+        assert await anext(busy) == {"admitted": True}
+        refused = [x async for x in run_job(s, job)]
+        rest = [x async for x in busy]
+        return refused, rest
+
+    refused, rest = run(main())
+    assert list(refused[0]) == ["rejected"] and len(refused) == 1
+    events = [e for item in rest for e in item["events"]]
+    assert [e["finish_reason"] for e in events] == [None, "length"]
+
+
+def test_a_slow_reader_gets_its_tokens_in_batches(model):
+    """Events that piled up while the consumer was busy arrive together, none lost."""
+    p, q = prompts(1)[0], SamplingParams(max_tokens=6)
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig())
+        seq = s.submit(p, q)
+        while not seq.done:
+            await asyncio.sleep(0.01)  # a consumer that reads only after generation ended
+        return [batch async for batch in s.stream_batches(seq)]
+
+    batches = run(main())
+    assert len(batches) == 1
+    assert [e.token for e in batches[0]] == list(generate(model, p, q))
+
+
+def test_text_stream_holds_back_a_possible_stop_string():
+    pieces = ["ab", "c", "X", "Y", "Z", "d"]
+    stream = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop=("XYZ",))
+    out = [stream.push(i) for i in range(5)]
+    assert out == ["ab", "c", "", "", ""]  # "X", "XY" might start the stop string
+    assert stream.stopped and stream.text == "abc"
+    partial = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop=("XQ",))
+    assert [partial.push(i) for i in range(4)] == ["ab", "c", "", "XY"]
+    assert partial.flush() == ""
