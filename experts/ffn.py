@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from experts.gemm import linear
+
 
 @dataclass
 class ExpertWeights:
@@ -44,8 +46,8 @@ class ExpertWeights:
 
 def expert_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One expert: x [n, D], w13 [2F, D], w2 [D, F] -> [n, D]."""
-    gate, up = (x @ w13.t()).chunk(2, dim=-1)  # [n, F] each
-    return (F.silu(gate) * up) @ w2.t()
+    gate, up = linear(x, w13).chunk(2, dim=-1)  # [n, F] each
+    return linear(F.silu(gate) * up, w2)
 
 
 def grouped_swiglu(
@@ -68,12 +70,11 @@ def grouped_swiglu(
 
 
 def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch.nn.functional.grouped_mm (torch >= 2.10) runs on CPU in any float dtype, and on CUDA
-    for bf16 from compute capability 8.0."""
+    """Whether "auto" takes torch.nn.functional.grouped_mm: on CUDA for bf16 from compute
+    capability 8.0. On CPU the loop is used: grouped_mm exists there (torch >= 2.10) but measured
+    ~10% slower than one MKL GEMM per expert (scripts/bench_forward.py, BENCHMARKS.md)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cpu":
-        return True
     return (
         x.is_cuda
         and x.dtype == torch.bfloat16

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.checkpoint import Checkpoint, MixtralConfig
+from experts.gemm import linear
 from experts.pool import ExpertPool
 from serving.runner import moe_layer
 
@@ -147,7 +148,11 @@ class MixtralModel(nn.Module):
         positions = start[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
         fresh = cache is None or not bool(start.any())  # nothing earlier to attend to
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
-        mask = None if fresh and not self._window_cuts(s) else self._mask(positions)
+        # A mask forces SDPA's slow math path; skip it where it would allow every key anyway:
+        # a fresh causal prefill, or one new token per row with every row at the same position.
+        uniform_step = s == 1 and bool((start == start[0]).all())
+        needs_mask = (not fresh and not uniform_step) or self._window_cuts(int(positions.max()) + 1)
+        mask = self._mask(positions) if needs_mask else None
         h = F.embedding(input_ids, self.embed)  # [B, S, D]
         for i, layer in enumerate(self.layers):
             a = rms_norm(h, layer.attn_norm, self.config.rms_norm_eps)
@@ -158,14 +163,16 @@ class MixtralModel(nn.Module):
             )
         if last_only:
             h = h[:, -1:]
-        return F.linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
 
     def _attention(
         self, i, layer, x, cos, sin, mask, cache, slots, positions, fresh
     ) -> torch.Tensor:
         c = self.config
         b, s, _ = x.shape
-        qkv = F.linear(x, layer.wqkv).view(b, s, -1, c.head_dim).transpose(1, 2)  # [B, H+2G, S, Dh]
+        qkv = (
+            linear(x, layer.wqkv).reshape(b, s, -1, c.head_dim).transpose(1, 2)
+        )  # [B, H+2G, S, Dh]
         q, k, v = qkv.split(
             [c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads], 1
         )
@@ -174,10 +181,11 @@ class MixtralModel(nn.Module):
             cache.write(i, slots, positions, k, v)
             if not fresh:
                 k, v = cache.read(i, slots, b, int(positions.max()) + 1)  # [B, G, L, Dh]
+        causal = mask is None and s > 1  # only a fresh prefill gets here with s > 1 and no mask
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, enable_gqa=True
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
         )  # [B, H, S, Dh]
-        return F.linear(out.transpose(1, 2).reshape(b, s, -1), layer.wo)
+        return linear(out.transpose(1, 2).reshape(b, s, -1), layer.wo)
 
     def _window_cuts(self, s: int) -> bool:
         w = self.config.sliding_window
