@@ -15,7 +15,8 @@ Transport: each layer's fan-out runs through a Ray Compiled Graph (`ray.dag`, co
 set of actors: measured here ~20x less per-call overhead than plain actor calls for decode-sized
 payloads). The graph takes the placement version as an input, so rebalancing keeps it; a dead or
 replaced shard tears it down, the pool serves through plain actor calls (numpy payloads) meanwhile,
-and recompiles in the background once every shard is live again.
+and recompiles in the background once every shard is live again. Payloads above
+`compiled_max_bytes` (4 MiB: prefill-sized) go through plain calls, which measured as fast there.
 
 Rebalancing: `rebalance()` computes a new placement from the balancer's load window, loads it on
 every shard beside the serving one (shards run two threads), and switches at the start of the next
@@ -68,6 +69,7 @@ class RayExpertPool:
         call_timeout_s: float = 30.0,
         load_timeout_s: float = 600.0,
         transport: str = "compiled",
+        compiled_max_bytes: int = 4 << 20,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -86,6 +88,9 @@ class RayExpertPool:
         self._replacing: set[int] = set()
         self.events: list[str] = []  # what happened, newest last (failures, switches)
         self.transport = transport
+        # Above this payload per layer, plain calls measured as fast or faster here (BENCHMARKS.md):
+        # the graph's shared-memory channels pay to grow and copy large buffers.
+        self.compiled_max_bytes = compiled_max_bytes
         self._graph = None  # the compiled fan-out, when live
         self._graph_lock = threading.Lock()
         self.shards = [self._start_actor() for _ in range(num_shards)]
@@ -109,7 +114,7 @@ class RayExpertPool:
         placement, version = self.balancer.placement(layer), self.version
         ranges = self._shard_ranges(placement)
         bounds = torch.cumsum(dispatch.counts, 0).tolist()
-        if self._graph is not None:
+        if self._graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
             y = self._compiled_compute(layer, version, x, dispatch.counts, ranges, bounds)
             if y is not None:
                 return y

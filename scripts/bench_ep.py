@@ -91,6 +91,7 @@ def main() -> None:
         3,
     )
     pools = {"compiled_graph": sharded.pool, "plain_calls": plain.pool}
+    sharded.pool.compiled_max_bytes = 1 << 40  # measure the graph at every size, past the cutoff
     assert sharded.pool.transport_in_use == "compiled" and plain.pool.transport_in_use == "plain"
     transport = {
         str(t): transport_overhead(local.pool, pools, t, max(args.rounds, 7))
