@@ -89,7 +89,7 @@ def place(
     """
     weights = _as_load_vector(load)  # [E]
     num_experts = weights.size
-    _check_sizes(num_experts, num_shards, num_redundant)
+    check_sizes(num_experts, num_shards, num_redundant)
     counts = _replica_counts(weights, num_shards, num_redundant)  # [E]
     capacity = slot_counts_per_shard(num_experts + num_redundant, num_shards)  # [N]
     shards = _pack(weights / counts, counts, capacity)  # list per shard of experts
@@ -160,7 +160,8 @@ def _as_load_vector(load: torch.Tensor | np.ndarray | Sequence[float]) -> np.nda
     return weights
 
 
-def _check_sizes(num_experts: int, num_shards: int, num_redundant: int) -> None:
+def check_sizes(num_experts: int, num_shards: int, num_redundant: int) -> None:
+    """ValueError (one line) unless E experts plus R copies fit on N shards, copies apart."""
     if num_shards < 1:
         raise ValueError(f"need at least one shard, got {num_shards}")
     if num_redundant < 0:

@@ -26,7 +26,7 @@ import math
 import torch
 
 from router.balancer import TARGET_CV, cv, max_over_mean
-from router.placement import Placement, initial_placement, place_layers, shard_load
+from router.placement import Placement, check_sizes, initial_placement, place_layers, shard_load
 from serving.errors import UserError
 
 TOP_K = 2  # Mixtral's top-2 routing
@@ -142,16 +142,10 @@ def _read_trace(path: str, num_experts: int | None) -> torch.Tensor:
 
 
 def _check_placement_args(num_experts: int, num_shards: int, num_redundant: int) -> None:
-    if num_shards < 1:
-        raise UserError(f"--shards {num_shards}: need at least 1 shard")
-    if num_redundant < 0:
-        raise UserError(f"--redundant {num_redundant}: must be >= 0")
-    limit = num_experts * (num_shards - 1)
-    if num_redundant > limit:
-        raise UserError(
-            f"--redundant {num_redundant}: at most E*(N-1) = {limit} for {num_experts} experts on "
-            f"{num_shards} shards, since copies of one expert sit on different shards"
-        )
+    try:
+        check_sizes(num_experts, num_shards, num_redundant)
+    except ValueError as exc:
+        raise UserError(f"--shards {num_shards} --redundant {num_redundant}: {exc}") from None
 
 
 def _metrics(placement: Placement, load: torch.Tensor) -> tuple[float, float]:

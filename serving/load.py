@@ -50,13 +50,12 @@ def _ray_pool(ckpt: Checkpoint, dtype, device: str, shards: int, redundant: int,
     import ray
 
     from experts.ray_pool import RayExpertPool
+    from router.placement import check_sizes
 
-    experts = ckpt.config.num_local_experts
-    if redundant > experts * (shards - 1):
-        raise UserError(
-            f"redundant_experts={redundant} is more than {shards} shards can hold apart "
-            f"(at most {experts * (shards - 1)}: copies of one expert go to different shards)"
-        )
+    try:
+        check_sizes(ckpt.config.num_local_experts, shards, redundant)
+    except ValueError as exc:
+        raise UserError(f"expert_shards={shards}, redundant_experts={redundant}: {exc}") from None
     if not ray.is_initialized():
         # Never expose Ray's dashboard from a library call; join RAY_ADDRESS if one is set.
         ray.init(include_dashboard=False, configure_logging=False)
