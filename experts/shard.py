@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -47,6 +48,8 @@ def from_numpy(
 
 class ExpertShard:
     """The experts of one shard. Thread-safe for one `compute` beside one `prepare`/`free`."""
+
+    _delay_s = 0.0  # see set_delay
 
     def __init__(self, checkpoint: str, dtype: str = "float32", device: str = "cpu") -> None:
         self._path = checkpoint
@@ -106,8 +109,16 @@ class ExpertShard:
         with self._lock:
             return sorted(self._versions)
 
+    def set_delay(self, seconds: float) -> None:
+        """Test-only fault hook: every later `compute` first sleeps `seconds` (0: off), to make
+        this shard a straggler (tests/integration/test_controller_live.py). Never used when
+        serving."""
+        self._delay_s = max(0.0, float(seconds))
+
     def compute(self, version: int, layer: int, x: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """x [n, D] rows grouped by local slot, counts [s] rows per local slot -> [n, D]."""
+        if self._delay_s:
+            time.sleep(self._delay_s)
         weights = self._versions[version][layer]
         self._tokens[version][layer] += counts
         xt = from_numpy(x, self._dtype, self._device)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 from collections.abc import AsyncIterator
@@ -76,11 +77,16 @@ def load_serving_model(config: ServeConfig):
 
 @serve.deployment(name="Router")
 class Router:
-    """Holds the model and the scheduler; every running request shares its decode steps."""
+    """Holds the model and the scheduler; every running request shares its decode steps.
+
+    It also records the router's metrics, answers the controller (`counters`, `apply`) and starts
+    it (serving/controller_app.py), as configured by `config.monitoring`.
+    """
 
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
+        from serving.monitor import RouterMonitor
         from serving.scheduler import Scheduler
         from serving.tokenizer import TextTokenizer
 
@@ -88,12 +94,57 @@ class Router:
         model = load_serving_model(config)
         tokenizer = TextTokenizer(model_dir(config))
         self.scheduler = Scheduler(model, config.scheduler, decode=tokenizer.decode)
+        self.monitor = RouterMonitor(
+            self.scheduler,
+            _metrics() if config.monitoring.metrics else None,
+            on_gpu=config.device.startswith("cuda"),
+            period_s=config.monitoring.period_s,
+        )
+        self.scheduler.observer = self.monitor.on_step
+        self._monitor_task: asyncio.Task | None = None
+        self.controller = _start_controller(config) if config.monitoring.controller else None
+
+    def _ensure_monitor(self) -> None:
+        # Started from a request, where the replica's event loop is surely running.
+        if self._monitor_task is None or self._monitor_task.done():
+            self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run())
 
     async def generate(self, job: dict) -> AsyncIterator[dict]:
         from serving.scheduler import run_job
 
+        self._ensure_monitor()
         async for item in run_job(self.scheduler, job):
             yield item
+
+    async def counters(self) -> dict:
+        """What the controller reads each period (serving/controller_loop.py Counters)."""
+        self._ensure_monitor()
+        return self.monitor.counters().model_dump()
+
+    async def apply(self, decision: dict) -> dict:
+        """Carry out a controller decision (serving/controller.py Decision)."""
+        from serving.controller import Decision
+
+        return self.monitor.apply(Decision.model_validate(decision))
+
+    async def status(self) -> dict:
+        """The controller's StatusReport (GET /v1/moe/status); without a controller, the
+        router's own figures."""
+        from serving.controller_loop import StatusReport
+
+        if self.controller is not None:
+            return await self.controller.status.remote()
+        c = self.monitor.counters()
+        return StatusReport(
+            queue_depth=c.queue_depth,
+            expert_load_cv=c.expert_load_cv,
+            max_over_mean=c.max_over_mean,
+        ).model_dump(mode="json")
+
+    async def expert_shards(self) -> list:
+        """The ExpertShard actor handles in use (empty without shards): for diagnostics and the
+        tests' fault hooks (experts/shard.py ExpertShard.set_delay)."""
+        return list(getattr(self.scheduler.model.pool, "shards", []))
 
     async def stats(self) -> dict:
         return self.scheduler.stats() | {"in_flight": self.scheduler.in_flight}
@@ -121,13 +172,30 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from serving.ingress import build_api
 
-        return build_api(self._generate, self._stats, self.info, self.config)
+        return build_api(self._generate, self._stats, self.info, self.config, self._status)
 
     def _generate(self, job: dict) -> AsyncIterator[dict]:
         return self.router.options(stream=True).generate.remote(job)
 
     async def _stats(self) -> dict:
         return await self.router.stats.remote()
+
+    async def _status(self) -> dict:
+        return await self.router.status.remote()
+
+
+def _metrics():
+    from serving.metrics import Metrics
+
+    return Metrics()
+
+
+def _start_controller(config: ServeConfig):
+    """The app's controller actor, with targets planned for this model and hardware."""
+    from serving.controller_app import controller_config, start_app_controller
+
+    app_name = serve.get_replica_context().app_name
+    return start_app_controller(controller_config(config, model_dir(config)), app_name)
 
 
 def application(config: ServeConfig) -> Application:

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.controller import ControllerConfig
 from serving.errors import UserError
+from serving.metrics import DEFAULT_METRICS_PORT
 
 
 class SchedulerConfig(BaseModel):
@@ -52,6 +54,22 @@ class LimitsConfig(BaseModel):
     max_stop_strings: int = Field(4, ge=0)
 
 
+class MonitoringConfig(BaseModel):
+    """What the router records and whether the controller runs (configs/serve.yaml `monitoring`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Record the moe_* metrics in the router (serving/metrics.py); off: none from the router.
+    metrics: bool = True
+    # Run the throughput controller (serving/controller_app.py) beside the router.
+    controller: bool = True
+    # Seconds between the router's slower readings (overflow, expert load) and gauge re-sets;
+    # gauges expire ~30 s after their last set (DESIGN.md section 7), so keep it well below.
+    period_s: float = Field(5.0, gt=0, le=20)
+    # Seconds spent measuring this machine when `hardware` is "cpu" (at router start).
+    cpu_measure_s: float = Field(1.0, gt=0)
+
+
 class ServeConfig(BaseModel):
     """Everything `moe-serve up` and the Serve application need."""
 
@@ -74,6 +92,16 @@ class ServeConfig(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0)
     scheduler: SchedulerConfig = SchedulerConfig()
     limits: LimitsConfig = LimitsConfig()
+    # Ray's metrics export port, set when `moe-serve up` starts Ray (a joined cluster keeps its own:
+    # `ray start --metrics-export-port`). Prometheus scrapes http://HOST:PORT/metrics.
+    metrics_port: int = Field(DEFAULT_METRICS_PORT, gt=0, le=65535)
+    # The planner's hardware profile for the controller's targets: a name under configs/hardware
+    # (h200, h100, ...), a YAML path, or "cpu" (this machine, measured at router start).
+    hardware: str = "cpu"
+    monitoring: MonitoringConfig = MonitoringConfig()
+    # Controller thresholds, batch strategy and fallback; targets (phases, ceiling, memory limit)
+    # come from the planner unless `controller.phases` is given.
+    controller: ControllerConfig = ControllerConfig()
 
     @model_validator(mode="after")
     def _router_takes_the_queue(self) -> ServeConfig:

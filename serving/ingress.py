@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from serving import protocol as p
 from serving.config import ServeConfig
+from serving.controller_loop import STATUS_PATH
 from serving.errors import UserError
 from serving.generate import SamplingParams
 from serving.tokenizer import TextTokenizer
@@ -67,8 +68,15 @@ def error_response(err: p.ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def build_api(generate: Generate, stats: Stats, info: ModelInfo, config: ServeConfig) -> FastAPI:
-    """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health."""
+def build_api(
+    generate: Generate,
+    stats: Stats,
+    info: ModelInfo,
+    config: ServeConfig,
+    status: Stats | None = None,
+) -> FastAPI:
+    """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, and, given
+    `status` (the controller's report), GET /v1/moe/status."""
     api = FastAPI(title="moe-serve", docs_url=None, redoc_url=None, openapi_url=None)
     ctx = _Context(generate, info, config)
 
@@ -92,6 +100,13 @@ def build_api(generate: Generate, stats: Stats, info: ModelInfo, config: ServeCo
         card = {"id": info.name, "object": "model", "created": 0, "owned_by": "moe-serve"}
         extra = {"max_model_len": info.context, "vocab_size": info.vocab_size}
         return {"object": "list", "data": [card | extra]}
+
+    if status is not None:
+
+        @api.get(STATUS_PATH)
+        async def moe_status(request: Request) -> dict:
+            ctx.authorize(request)
+            return await status()
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -62,10 +63,37 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
 
     @property
     def prefilling(self) -> bool:
         return self.cached < len(self.prompt)
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """Latencies of one request that finished normally (seconds)."""
+
+    ttft_s: float  # submit to first token: queueing + prefill
+    e2e_s: float  # submit to last token
+    tpot_s: float | None  # mean time per output token after the first; None for one token
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one step did, for an observer (the router's metrics); plain numbers, no state."""
+
+    batch_tokens: int  # prefill + decode tokens run
+    new_tokens: int  # tokens sampled (streamed) this step
+    queue_depth: int  # requests waiting for a slot
+    slots_used: int
+    slots: int  # KV cache slots allocated
+    finished: tuple[RequestTiming, ...]
+
+
+# Called on the event loop after every step, between two forward passes (the model is idle).
+StepObserver = Callable[[StepReport], None]
 
 
 @dataclass
@@ -78,7 +106,11 @@ class Scheduler:
     """Submit requests, stream their events; `run_forever` is started on the first submit."""
 
     def __init__(
-        self, model: MixtralModel, config: SchedulerConfig, decode: Decode | None = None
+        self,
+        model: MixtralModel,
+        config: SchedulerConfig,
+        decode: Decode | None = None,
+        observer: StepObserver | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -88,7 +120,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.decode = decode
+        self.observer = observer
         self.draining = False
+        # Slots that may hold sequences: at most the cache's, lowered at run time by set_batch.
+        self.slot_limit = config.max_batch_slots
+        self.tokens_generated = 0  # cumulative sampled tokens: the controller's rate counter
         # Decode rows per step: the batch of one forward call, what continuous batching buys.
         self.step_batch_sizes: deque[int] = deque(maxlen=4096)
         self.step_tokens: deque[int] = deque(maxlen=4096)  # prefill + decode tokens per step
@@ -164,7 +200,25 @@ class Scheduler:
             "steps": self.steps,
             "max_step_batch": self.max_step_batch,
             "draining": self.draining,
+            "tokens_generated": self.tokens_generated,
+            "step_token_budget": self.config.step_token_budget,
+            "slot_limit": self.slot_limit,
         }
+
+    def set_batch(self, step_token_budget: int, max_batch_slots: int) -> dict:
+        """Change the batch settings between steps (the controller's batch fallback).
+
+        The step token budget changes freely. The slot count only moves within the KV cache
+        allocated at start (config.max_batch_slots): asking for more is capped there, asking for
+        fewer stops admitting until running sequences finish (none is evicted). The budget stays
+        at least the slot limit, so every running sequence still decodes each step.
+        Returns the settings now in force.
+        """
+        slots = max(1, min(max_batch_slots, self.config.max_batch_slots))
+        budget = max(step_token_budget, slots)
+        self.config = self.config.model_copy(update={"step_token_budget": budget})
+        self.slot_limit = slots
+        return {"step_token_budget": budget, "max_batch_slots": slots}
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -187,8 +241,29 @@ class Scheduler:
                 self._fail([*plan.decodes, *(s for s, _ in plan.prefills)], exc)
                 continue
             self._record(plan)
+            tokens_before, finished = self.tokens_generated, []
             for seq, logits in results:
-                self._emit(seq, logits)
+                timing = self._emit(seq, logits)
+                if timing is not None:
+                    finished.append(timing)
+            self._observe(plan, self.tokens_generated - tokens_before, finished)
+
+    def _observe(self, plan: StepPlan, new_tokens: int, finished: list[RequestTiming]) -> None:
+        """Tell the observer about the step; its failure is logged, never the loop's."""
+        if self.observer is None:
+            return
+        report = StepReport(
+            batch_tokens=len(plan.decodes) + sum(n for _, n in plan.prefills),
+            new_tokens=new_tokens,
+            queue_depth=len(self.waiting),
+            slots_used=len(self.running),
+            slots=self.config.max_batch_slots,
+            finished=tuple(finished),
+        )
+        try:
+            self.observer(report)
+        except Exception:
+            log.exception("scheduler observer failed")
 
     def _reap(self) -> None:
         """Free the slots of finished and cancelled sequences; drop cancelled waiters."""
@@ -211,7 +286,9 @@ class Scheduler:
             n = min(budget, len(seq.prompt) - seq.cached)
             prefills.append((seq, n))
             budget -= n
-        while budget > 0 and self.waiting and self.free_slots:
+        while (
+            budget > 0 and self.waiting and self.free_slots and len(self.running) < self.slot_limit
+        ):
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.popleft()
             self.running.append(seq)
@@ -256,12 +333,17 @@ class Scheduler:
         self.step_tokens.append(len(plan.decodes) + sum(n for _, n in plan.prefills))
         self.max_step_batch = max(self.max_step_batch, len(plan.decodes))
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor | None) -> None:
-        """Sample the sequence's next token from logits [V] and stream it."""
+    def _emit(self, seq: Sequence, logits: torch.Tensor | None) -> RequestTiming | None:
+        """Sample the sequence's next token from logits [V] and stream it; returns the
+        request's timing when this token finished it."""
         if logits is None or seq.cancelled:
-            return
+            return None
         token = int(sample(logits[None], seq.params, seq.gen)[0])
         seq.output.append(token)
+        self.tokens_generated += 1
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
         logprob, top = self._logprobs(seq, logits, token)
         text = seq.text.push(token) if seq.text else ""
         finish = self._finish_reason(seq, token)
@@ -270,6 +352,14 @@ class Scheduler:
             if seq.text and not seq.text.stopped:
                 text += seq.text.flush()
         seq.events.put_nowait(Event(token, text, logprob, top, finish))
+        return self._timing(seq, now) if finish is not None else None
+
+    @staticmethod
+    def _timing(seq: Sequence, now: float) -> RequestTiming:
+        first = seq.first_token_at if seq.first_token_at is not None else now
+        n = len(seq.output)
+        tpot = (now - first) / (n - 1) if n > 1 else None
+        return RequestTiming(first - seq.submitted_at, now - seq.submitted_at, tpot)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (seq.text and seq.text.stopped):

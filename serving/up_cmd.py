@@ -15,6 +15,7 @@ import threading
 import time
 
 from serving.config import ServeConfig, load_config, with_overrides
+from serving.metrics import DEFAULT_METRICS_PORT
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,20 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="torch device of the router, e.g. cpu or cuda:0")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help=f"Ray's metrics export port, where Prometheus scrapes http://HOST:P/metrics "
+        f"(default {DEFAULT_METRICS_PORT}; only when this command starts Ray: a joined cluster "
+        "keeps the port of its `ray start --metrics-export-port`)",
+    )
+    p.add_argument(
+        "--hardware",
+        metavar="PROFILE",
+        help="hardware profile of the controller's targets: h200, h100, a100, a YAML, or cpu "
+        "(measured; the default)",
+    )
     p.set_defaults(func=run)
 
 
@@ -48,6 +63,8 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
         dtype=args.dtype,
         device=args.device,
+        metrics_port=args.metrics_port,
+        hardware=args.hardware,
     )
 
 
@@ -59,11 +76,13 @@ def run(args: argparse.Namespace) -> int:
     # Fail here, in one line, rather than inside a replica: the checkpoint and the options.
     expert_options(config)
     ModelInfo.load(model_dir(config), config)
-    started_ray = _start_ray(args.address or os.environ.get("RAY_ADDRESS"), args.dashboard)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    started_ray = _start_ray(address, args.dashboard, config.metrics_port)
     stop = _stop_event()  # after ray.init, which installs a SIGTERM handler that exits at once
     try:
         _deploy(config)
         _announce(config)
+        _announce_metrics(config)
         while not stop.wait(0.5):
             pass
         print("moe-serve up: stopping: draining requests in flight", file=sys.stderr, flush=True)
@@ -88,15 +107,18 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def _start_ray(address: str | None, dashboard: bool) -> bool:
-    """Join `address` or start a local Ray; True when we started it (and so must stop it)."""
+def _start_ray(address: str | None, dashboard: bool, metrics_port: int) -> bool:
+    """Join `address` or start a local Ray (its metrics on `metrics_port`); True when we started
+    it (and so must stop it)."""
     import ray
+
+    from serving.metrics import ray_init_kwargs
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(include_dashboard=dashboard, log_to_driver=False)
+    ray.init(include_dashboard=dashboard, log_to_driver=False, **ray_init_kwargs(metrics_port))
     return True
 
 
@@ -126,6 +148,19 @@ def _announce(config: ServeConfig) -> None:
         "Ctrl-C or SIGTERM stops it (requests in flight finish first).",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _announce_metrics(config: ServeConfig) -> None:
+    """Where Prometheus scrapes this node, and where the controller's view is."""
+    from serving.metrics import node_metrics_port, prometheus_url
+
+    base = f"http://{config.host}:{config.port}"
+    try:
+        url = prometheus_url(config.host, node_metrics_port())
+    except Exception as exc:  # the address is a convenience: serving goes on without it
+        url = f"unknown ({exc})"
+    print(f"  metrics (Prometheus): {url}", flush=True)
+    print(f"  status: moe-serve status --url {base}   (GET {base}/v1/moe/status)", flush=True)
 
 
 def _drain(timeout_s: float) -> None:

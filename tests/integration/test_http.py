@@ -412,6 +412,7 @@ def test_up_refuses_when_full_and_drains_on_sigterm(tmp_path, demo_path):
         "drain_timeout_s": 120,
         "scheduler": {"max_batch_slots": 1, "step_token_budget": 64, "max_queue": 1},
         "limits": {"retry_after_s": 2},
+        "metrics_port": free_port(),  # not the default 8080: another Ray may hold it
     }
     config = tmp_path / "serve.yaml"
     config.write_text(

@@ -241,3 +241,50 @@ def test_text_stream_holds_back_a_possible_stop_string():
     partial = TextStream(lambda ids: "".join(pieces[i] for i in ids), stop=("XQ",))
     assert [partial.push(i) for i in range(4)] == ["ab", "c", "", "XY"]
     assert partial.flush() == ""
+
+
+def test_observer_sees_every_step_and_each_request_timing(model):
+    reports = []
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=4, step_token_budget=32))
+        s.observer = reports.append
+        seqs = [s.submit(p, SamplingParams(max_tokens=4)) for p in prompts(3)]
+        await asyncio.gather(*(collect(s, q) for q in seqs))
+        return s
+
+    s = run(main())
+    assert len(reports) == s.steps
+    assert sum(r.new_tokens for r in reports) == s.tokens_generated == 12
+    timings = [t for r in reports for t in r.finished]
+    assert len(timings) == 3
+    assert all(0 <= t.ttft_s <= t.e2e_s and t.tpot_s is not None for t in timings)
+    assert all(r.slots == 4 and 0 < r.slots_used <= 4 for r in reports)
+
+
+def test_a_failing_observer_never_stops_the_loop(model):
+    def broken(_report):
+        raise RuntimeError("metrics down")
+
+    async def main():
+        s = Scheduler(
+            model, SchedulerConfig(max_batch_slots=2, step_token_budget=32), observer=broken
+        )
+        return await collect(s, s.submit(prompts(1)[0], SamplingParams(max_tokens=3)))
+
+    events = run(main())
+    assert len(events) == 3 and events[-1].finish_reason == "length"
+
+
+def test_set_batch_changes_the_budget_and_slots_within_the_cache(model):
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=4, step_token_budget=16))
+        assert s.set_batch(64, 99) == {"step_token_budget": 64, "max_batch_slots": 4}
+        assert s.set_batch(1, 2) == {"step_token_budget": 2, "max_batch_slots": 2}
+        seqs = [s.submit(p, SamplingParams(max_tokens=3)) for p in prompts(4)]
+        await asyncio.gather(*(collect(s, q) for q in seqs))
+        return s
+
+    s = run(main())
+    assert max(s.step_batch_sizes) <= 2  # the lowered slot limit held
+    assert len(s.free_slots) == 4

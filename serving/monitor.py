@@ -1,0 +1,160 @@
+"""The router's monitoring: what it records (metrics), what it tells the controller (counters),
+and how it carries out the controller's decisions (apply).
+
+The scheduler calls `RouterMonitor.on_step` after every step, on the event loop and between two
+forward passes, so reading the expert pool's balancer there races with nothing. Cheap figures
+(step tokens, queue, KV cache use, request latencies) are recorded every step; the balancer's
+overflow totals and load evenness every `period_s`. `run()` re-sets the gauges every period so that
+none expires while the server is idle (Ray drops a gauge ~30 s after its last set).
+
+Live tokens/ms, targets, phase and controller actions are recorded by the controller itself
+(serving/controller_loop.py) in its own process, from the counters this module hands it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from serving.controller import Decision
+from serving.controller_loop import Counters
+from serving.scheduler import Scheduler, StepReport
+
+log = logging.getLogger("moe_serve.monitor")
+
+RECENT_REQUESTS = 512  # requests the p99 latencies are taken over
+
+
+def p99(values: deque[float]) -> float | None:
+    return float(np.percentile(np.fromiter(values, float), 99)) if values else None
+
+
+class RouterMonitor:
+    """One per router replica. `metrics` is a serving.metrics.Metrics, or None (not recorded)."""
+
+    def __init__(
+        self, scheduler: Scheduler, metrics: Any | None, on_gpu: bool, period_s: float = 5.0
+    ) -> None:
+        self.scheduler, self.metrics, self.on_gpu = scheduler, metrics, on_gpu
+        self.period_s = period_s
+        self.ttft: deque[float] = deque(maxlen=RECENT_REQUESTS)
+        self.tpot: deque[float] = deque(maxlen=RECENT_REQUESTS)
+        self.load: tuple[float | None, float | None] = (None, None)  # worst layer: CV, max/mean
+        self._last_slow = 0.0
+        self._reconfig = None  # the pool's reconfiguration thread in flight, if any
+
+    @property
+    def pool(self) -> Any:
+        return self.scheduler.model.pool
+
+    @property
+    def shards(self) -> int:
+        """ExpertShard actors in use (0: experts in the router's process)."""
+        return int(getattr(self.pool, "num_shards", 0))
+
+    # -- recording -------------------------------------------------------------------------------
+
+    def on_step(self, report: StepReport) -> None:
+        """The scheduler's observer: runs after every step."""
+        for t in report.finished:
+            self.ttft.append(t.ttft_s)
+            if t.tpot_s is not None:
+                self.tpot.append(t.tpot_s)
+        if self.metrics is not None:
+            self.metrics.record_step(
+                batch_tokens=report.batch_tokens,
+                queue_depth=report.queue_depth,
+                kv_cache_usage=report.slots_used / report.slots,
+            )
+            for t in report.finished:
+                self.metrics.record_request(ttft_s=t.ttft_s, e2e_s=t.e2e_s, tpot_s=t.tpot_s)
+        if time.monotonic() - self._last_slow >= self.period_s:
+            self._last_slow = time.monotonic()
+            self._read_balancer()
+
+    def _read_balancer(self) -> None:
+        """Overflow totals and the worst layer's load evenness (only with expert shards)."""
+        balancer = getattr(self.pool, "balancer", None)
+        if balancer is None or self.shards == 0:
+            return
+        stats = balancer.stats()
+        worst = max(stats, key=lambda s: s.cv_shards, default=None)
+        if worst is not None and worst.batches > 0:
+            self.load = (worst.cv_shards, worst.max_over_mean_shards)
+        if self.metrics is not None:
+            totals = balancer.counters()
+            self.metrics.record_overflow_totals(
+                sum(c.split for c in totals),
+                sum(c.rerouted for c in totals),
+                sum(c.dropped for c in totals),
+            )
+            self.metrics.record_load(cv=self.load[0], max_over_mean=self.load[1])
+
+    async def run(self) -> None:
+        """Re-set the gauges every period; never dies."""
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                if self.metrics is not None:
+                    self.metrics.refresh()
+            except Exception:
+                log.exception("refreshing metrics failed; continuing")
+
+    # -- the controller's view -------------------------------------------------------------------
+
+    def counters(self) -> Counters:
+        shards = self.shards
+        shard_gpus = shards if str(getattr(self.pool, "device", "cpu")).startswith("cuda") else 0
+        busy = self._reconfiguring()
+        return Counters(
+            tokens_generated=self.scheduler.tokens_generated,
+            gpus=(1 if self.on_gpu else 0) + shard_gpus,
+            cpu_shards=shards - shard_gpus,
+            queue_depth=len(self.scheduler.waiting),
+            expert_load_cv=self.load[0] if shards else None,
+            max_over_mean=self.load[1] if shards else None,
+            p99_ttft_s=p99(self.ttft),
+            p99_tpot_s=p99(self.tpot),
+            can_scale_out=shards > 0 and not busy and self._room_for_shard(shard_gpus > 0),
+            can_scale_in=shards > 1 and not busy,
+            can_rebalance=shards > 0 and not busy,
+        )
+
+    def _reconfiguring(self) -> bool:
+        return self._reconfig is not None and self._reconfig.is_alive()
+
+    @staticmethod
+    def _room_for_shard(gpu: bool) -> bool:
+        """The cluster has the resource one more ExpertShard asks for (experts/ray_pool.py)."""
+        import ray
+
+        free = ray.available_resources()
+        return free.get("GPU" if gpu else "CPU", 0.0) >= 1.0
+
+    # -- carrying out decisions ------------------------------------------------------------------
+
+    def apply(self, decision: Decision) -> dict:
+        """Carry out one decision; returns what changed. Raises when it cannot be done (the
+        controller then keeps its state and proposes again)."""
+        log.info("controller action %s: %s", decision.action, decision.reason)
+        action = decision.action
+        if action in ("scale_out", "scale_in", "rebalance"):
+            if self._reconfiguring():
+                raise RuntimeError("a shard reconfiguration is still loading")
+            pool = self.pool
+            method = {"scale_out": "add_shard", "scale_in": "remove_shard"}.get(action, action)
+            if not hasattr(pool, method):
+                raise RuntimeError(f"{action} needs expert shards (expert_shards > 0)")
+            self._reconfig = getattr(pool, method)()  # loads in the background, switches later
+            return {"action": action, "shards": self.shards}
+        if action in ("batch_fallback", "revert_fallback") and decision.batch is not None:
+            b = decision.batch
+            # batch_wait_ms has no effect yet: the scheduler runs a step as soon as work waits.
+            now = self.scheduler.set_batch(b.step_token_budget, b.max_batch_slots)
+            return {"action": action, "level": b.level} | now
+        return {"action": action}
