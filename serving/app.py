@@ -90,7 +90,7 @@ class Router:
         from serving.scheduler import Scheduler
         from serving.tokenizer import TextTokenizer
 
-        torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) - 1))
         model = load_serving_model(config)
         tokenizer = TextTokenizer(model_dir(config))
         self.scheduler = Scheduler(model, config.scheduler, decode=tokenizer.decode)

@@ -82,8 +82,10 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None  # the name clients send; default: the directory's name
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    # torch intra-op threads in the router; 0: every core. Ray forces OMP_NUM_THREADS=1 on an actor
-    # that reserves no CPU, which would run the model on one core.
+    # torch intra-op threads in the router; 0: every core but one, which the HTTP proxy and ingress
+    # need: with every core, MKL's threads wait on descheduled peers and HTTP throughput fell by a
+    # third on 2 cores (BENCHMARKS.md). Set explicitly: Ray forces OMP_NUM_THREADS=1 on an actor
+    # that reserves no CPU.
     torch_threads: int = Field(0, ge=0)
     expert_shards: int = Field(0, ge=0)
     redundant_experts: int = Field(0, ge=0)
