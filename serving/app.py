@@ -67,11 +67,14 @@ def load_serving_model(config: ServeConfig):
     from serving.load import load_model
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    options: dict = expert_options(config)
+    if config.expert_shards:
+        options["call_timeout_s"] = config.expert_call_timeout_s  # RayExpertPool's hang bound
     return load_model(
         model_dir(config),
         dtype=dtypes[config.dtype],
         device=config.device,
-        **expert_options(config),
+        **options,
     )
 
 
@@ -145,6 +148,11 @@ class Router:
         """The ExpertShard actor handles in use (empty without shards): for diagnostics and the
         tests' fault hooks (experts/shard.py ExpertShard.set_delay)."""
         return list(getattr(self.scheduler.model.pool, "shards", []))
+
+    async def expert_events(self) -> list[str]:
+        """The expert pool's event log (shard failures, replacements, switches), oldest first;
+        empty without shards. Operators and the fault tests read it."""
+        return list(getattr(self.scheduler.model.pool, "events", []))
 
     async def stats(self) -> dict:
         return self.scheduler.stats() | {"in_flight": self.scheduler.in_flight}

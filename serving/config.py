@@ -89,6 +89,9 @@ class ServeConfig(BaseModel):
     torch_threads: int = Field(0, ge=0)
     expert_shards: int = Field(0, ge=0)
     redundant_experts: int = Field(0, ge=0)
+    # Seconds one call to an ExpertShard may take before its shard counts as failed (hung) and is
+    # replaced; its rows then go to surviving copies. Only used with expert_shards > 0.
+    expert_call_timeout_s: float = Field(30.0, gt=0)
     # Ray Serve's default of 5 silently caps concurrency (DESIGN.md section 7): set explicitly.
     max_ongoing_requests: int = Field(256, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -3,7 +3,7 @@
 The ingress turns a request into a job (prompt token ids + sampling parameters) for a backend (the
 router deployment, or a scheduler in-process) and turns the backend's events back into OpenAI
 responses or server-sent events. Every client mistake is a 4xx with OpenAI's error object; a full
-queue is a prompt 503 with Retry-After.
+queue, or an expert with no live copy, is a prompt 503 with Retry-After (an error event mid-stream).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class _Context:
         events = await self._admit(job)
         rid = p.new_id("cmpl")
         echo = (prompt_text if prompt_text is not None else self._decode(ids)) if req.echo else ""
-        out = _Output(self.info, len(ids), echo)
+        out = _Output(self.info, len(ids), echo, self.config.limits.retry_after_s)
         if req.stream:
             return self._sse(out.completion_stream(events, rid, req.include_usage))
         await out.collect(events)
@@ -206,7 +206,7 @@ class _Context:
         job = self._job(req, ids, limit, "messages", top)
         events = await self._admit(job)
         rid = p.new_id("chatcmpl")
-        out = _Output(self.info, len(ids))
+        out = _Output(self.info, len(ids), retry_after_s=self.config.limits.retry_after_s)
         if req.stream:
             return self._sse(out.chat_stream(events, rid, req.include_usage))
         await out.collect(events)
@@ -306,8 +306,11 @@ async def _close(events: AsyncIterator[dict]) -> None:
 class _Output:
     """Accumulates one request's events into text, logprobs, finish reason and usage."""
 
-    def __init__(self, info: ModelInfo, prompt_tokens: int, echo: str = "") -> None:
+    def __init__(
+        self, info: ModelInfo, prompt_tokens: int, echo: str = "", retry_after_s: int = 1
+    ) -> None:
         self.info, self.prompt_tokens, self.echo = info, prompt_tokens, echo
+        self.retry_after_s = retry_after_s
         self.text, self.finish = "", None
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -318,8 +321,18 @@ class _Output:
         return p.usage(self.prompt_tokens, len(self.tokens))
 
     def add(self, event: dict) -> str:
-        """Record one event; returns its new text. A backend failure raises ApiError 500."""
+        """Record one event; returns its new text. A backend failure raises ApiError: 503 with
+        Retry-After when it is transient (an expert shard being replaced), else 500."""
         if event.get("error"):
+            if event.get("retryable"):
+                retry = str(self.retry_after_s)
+                raise p.ApiError(
+                    503,
+                    f"temporarily unavailable ({event['error']}); retry after {retry} s",
+                    "server_overloaded",
+                    code="expert_unavailable",
+                    headers={"Retry-After": retry},
+                )
             raise p.ApiError(500, f"generation failed: {event['error']}", "server_error")
         if event.get("token") is not None:
             self.tokens.append(event["token"])

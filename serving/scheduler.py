@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -45,6 +46,9 @@ class Event:
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
+    # The error is transient (an expert shard is down and being replaced): the ingress answers
+    # 503 with Retry-After rather than 500, as retrying shortly will succeed.
+    retryable: bool = False
 
 
 @dataclass(eq=False)
@@ -382,10 +386,22 @@ class Scheduler:
         return float(lp[token]), alternatives
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        retryable = _is_retryable(exc)
         for seq in seqs:
             if not seq.done:
                 seq.done = True
-                seq.events.put_nowait(Event(finish_reason="error", error=str(exc) or repr(exc)))
+                error = str(exc) or repr(exc)
+                seq.events.put_nowait(
+                    Event(finish_reason="error", error=error, retryable=retryable)
+                )
+
+
+def _is_retryable(exc: Exception) -> bool:
+    """An expert without a live copy (experts/ray_pool.py) is transient: its shard is being
+    replaced. Looked up in sys.modules so the scheduler stays Ray-free: if the Ray pool was never
+    imported, no exception can be one of its errors."""
+    pool = sys.modules.get("experts.ray_pool")
+    return pool is not None and isinstance(exc, pool.ExpertUnavailableError)
 
 
 async def run_job(scheduler: Scheduler, job: dict) -> AsyncIterator[dict]:

@@ -88,3 +88,45 @@ def demo_path() -> Path:
     from serving.demo import demo_checkpoint
 
     return demo_checkpoint()
+
+
+# -- the one Ray session of the test run (tests/integration and tests/reliability share it) ------
+
+# Ray sizes its worker pool from logical CPUs; 8 leaves room for shards, Serve replicas and the
+# controller on this 2-core machine without pretending they run in parallel.
+RAY_NUM_CPUS = 8
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray session for the whole test run (starting Ray costs seconds and ~2 GB)."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=RAY_NUM_CPUS,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # Serve may never have started
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_session) -> str:
+    """Ray Serve's HTTP proxy on 127.0.0.1 at a free port, once per run: its base URL."""
+    from ray import serve
+
+    from tests.integration.conftest import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"

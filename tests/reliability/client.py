@@ -1,0 +1,119 @@
+"""Raw HTTP for the reliability tests: one request, one SSE stream, and a steady load.
+
+Every call has a bounded timeout, so a hung server shows up as a failure, never as a hung test.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from urllib.error import HTTPError
+
+KEY = "reliability-key"
+TIMEOUT_S = 60.0
+
+
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    key: str | None = KEY,
+    timeout: float = TIMEOUT_S,
+):
+    """(status, headers, parsed JSON or raw bytes) of one plain HTTP request."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, hdrs, raw = r.status, r.headers, r.read()
+    except HTTPError as e:
+        status, hdrs, raw = e.code, e.headers, e.read()
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw
+
+
+def completion(url: str, max_tokens: int = 8, stream: bool = False, timeout: float = TIMEOUT_S):
+    body = {
+        "model": "demo",
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    return http("POST", f"{url}/v1/completions", json.dumps(body).encode(), timeout=timeout)
+
+
+def stream_outcome(url: str, timeout: float = TIMEOUT_S) -> str:
+    """Stream one completion: "finished" (a finish_reason, then [DONE]), "error_event" (an
+    OpenAI error object, then [DONE]), or what else happened ("status 500", "no [DONE]", ...)."""
+    status, _, raw = completion(url, stream=True, timeout=timeout)
+    if status != 200:
+        return f"status {status}"
+    lines = [ln[6:] for ln in raw.decode().splitlines() if ln.startswith("data: ")]
+    if not lines or lines[-1] != "[DONE]":
+        return "no [DONE]"
+    chunks = [json.loads(ln) for ln in lines[:-1]]
+    if chunks and "error" in chunks[-1]:
+        return "error_event"
+    if any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks):
+        return "finished"
+    return "no finish_reason"
+
+
+@dataclass
+class Load:
+    """`clients` threads sending short non-streaming completions, `streamers` threads streaming,
+    until the block ends. Exceptions (timeouts, resets) count as failures."""
+
+    url: str
+    clients: int = 3
+    streamers: int = 1
+    ok: int = 0
+    failed: list = field(default_factory=list)
+    streams: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _plain(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status, _, reply = completion(self.url)
+            except Exception as exc:  # noqa: BLE001 - a timeout or reset is a failure to report
+                status, reply = None, repr(exc)
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failed.append((status, reply))
+
+    def _streaming(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.streams.append(stream_outcome(self.url))
+            except Exception as exc:  # noqa: BLE001
+                self.streams.append(repr(exc))
+
+    def wait_ok(self, n: int, timeout_s: float = 60.0) -> None:
+        """Until `n` more non-streaming requests succeeded."""
+        target, deadline = self.ok + n, time.monotonic() + timeout_s
+        while self.ok < target and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert self.ok >= target, f"load stalled: {self.ok} ok, failures {self.failed[:3]}"
+
+    def __enter__(self) -> Load:
+        targets = [self._plain] * self.clients + [self._streaming] * self.streamers
+        self._threads = [threading.Thread(target=t, daemon=True) for t in targets]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(TIMEOUT_S + 5)
+        assert not any(t.is_alive() for t in self._threads), "a client thread hung"
