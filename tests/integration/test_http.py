@@ -11,9 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.client import HTTPConnection
-from urllib.error import HTTPError
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from serving.generate import SamplingParams, generate
 from serving.tokenizer import TextTokenizer
 
 from ..conftest import REPO
+from ..http_client import http as plain_http
 from .conftest import free_port
 
 KEY = "test-key-123"
@@ -32,20 +31,8 @@ pytestmark = pytest.mark.ray
 
 
 def http(method: str, url: str, body: bytes | None = None, key: str | None = KEY, headers=None):
-    """(status, headers, parsed JSON or raw bytes) of one plain HTTP request."""
-    h = {"Content-Type": "application/json"} | (headers or {})
-    if key:
-        h["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=body, method=method, headers=h)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            status, hdrs, raw = r.status, r.headers, r.read()
-    except HTTPError as e:
-        status, hdrs, raw = e.code, e.headers, e.read()
-    try:
-        return status, hdrs, json.loads(raw)
-    except ValueError:
-        return status, hdrs, raw
+    """A plain request, with this module's API key unless told otherwise."""
+    return plain_http(method, url, body, key=key, headers=headers)
 
 
 def wait_healthy(url: str, tries: int = 240) -> dict:

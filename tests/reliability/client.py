@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
-from urllib.error import HTTPError
+
+from ..http_client import http as plain_http
 
 KEY = "reliability-key"
 TIMEOUT_S = 60.0
@@ -23,20 +23,8 @@ def http(
     key: str | None = KEY,
     timeout: float = TIMEOUT_S,
 ):
-    """(status, headers, parsed JSON or raw bytes) of one plain HTTP request."""
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, hdrs, raw = r.status, r.headers, r.read()
-    except HTTPError as e:
-        status, hdrs, raw = e.code, e.headers, e.read()
-    try:
-        return status, hdrs, json.loads(raw)
-    except ValueError:
-        return status, hdrs, raw
+    """A plain request with this suite's API key and timeout."""
+    return plain_http(method, url, body, key=key, timeout=timeout)
 
 
 def completion(url: str, max_tokens: int = 8, stream: bool = False, timeout: float = TIMEOUT_S):
