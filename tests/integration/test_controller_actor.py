@@ -33,6 +33,20 @@ def wait_for_decision(ray, actor, timeout_s: float = 30.0) -> dict:
     raise AssertionError(f"no decision within {timeout_s}s")
 
 
+def wait_for_new_process(ray, actor, old_pid: int, timeout_s: float = 60.0) -> int:
+    """The actor's pid once it differs from old_pid (calls during the restart may fail)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
+            if pid != old_pid:
+                return pid
+        except ray.exceptions.RayError:
+            pass  # dead or restarting: ask again
+        time.sleep(0.2)
+    return old_pid
+
+
 def test_controller_actor_decides_and_survives_being_killed(ray_session):
     ray = ray_session
     config = ControllerConfig(
@@ -45,7 +59,9 @@ def test_controller_actor_decides_and_survives_being_killed(ray_session):
         assert status["phase"] == "phase 1" and status["devices"] == 1
         pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
         ray.kill(actor, no_restart=False)  # as if its process died
+        # The kill lands asynchronously: the old process may still answer a call or two.
+        assert wait_for_new_process(ray, actor, pid) != pid
         status = wait_for_decision(ray, actor)  # Ray restarted it; it starts from scratch
-        assert ray.get(actor.__ray_call__.remote(lambda self: os.getpid())) != pid
+        assert status["last_decision"]["action"] == "hold"
     finally:
         ray.kill(actor)
