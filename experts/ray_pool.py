@@ -113,14 +113,13 @@ class RayExpertPool:
         """x [N, D] grouped by slot -> [N, D]; one concurrent call per shard with rows."""
         placement, version = self.balancer.placement(layer), self.version
         ranges = self._shard_ranges(placement)
-        bounds = torch.cumsum(dispatch.counts, 0).tolist()
+        rows = dispatch.segments(ranges)  # [start, end) of each shard's rows
         if self._graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
-            y = self._compiled_compute(layer, version, x, dispatch.counts, ranges, bounds)
+            y = self._compiled_compute(layer, version, x, dispatch.counts, ranges, rows)
             if y is not None:
                 return y
         calls = {}
-        for shard, (first, last) in enumerate(ranges):
-            start, end = (bounds[first - 1] if first else 0), (bounds[last - 1] if last else 0)
+        for shard, ((first, last), (start, end)) in enumerate(zip(ranges, rows, strict=True)):
             if end > start and shard not in self._dead:
                 counts = dispatch.counts[first:last].numpy()
                 ref = self.shards[shard].compute.remote(
@@ -129,8 +128,7 @@ class RayExpertPool:
                 calls[shard] = (start, end, ref)
         out = torch.empty_like(x)
         failed = self._collect(calls, out)
-        for shard, (first, last) in enumerate(ranges):
-            start, end = (bounds[first - 1] if first else 0), (bounds[last - 1] if last else 0)
+        for shard, ((first, last), (start, end)) in enumerate(zip(ranges, rows, strict=True)):
             if end > start and (shard in failed or shard not in calls):
                 out[start:end] = self._redirect(layer, version, placement, first, last,
                                                 dispatch.counts, x[start:end])  # fmt: skip
@@ -138,14 +136,11 @@ class RayExpertPool:
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _compiled_compute(self, layer, version, x, counts, ranges, bounds) -> torch.Tensor | None:
+    def _compiled_compute(self, layer, version, x, counts, ranges, rows) -> torch.Tensor | None:
         """One execution of the compiled fan-out: every shard gets its rows (maybe none).
         Returns None when the graph failed; the caller then uses plain calls."""
-        xs, cs = [], []
-        for first, last in ranges:
-            start, end = (bounds[first - 1] if first else 0), (bounds[last - 1] if last else 0)
-            xs.append(to_numpy(x[start:end]))
-            cs.append(counts[first:last].numpy())
+        xs = [to_numpy(x[start:end]) for start, end in rows]
+        cs = [counts[first:last].numpy() for first, last in ranges]
         with self._graph_lock:
             graph = self._graph
             if graph is None:

@@ -23,12 +23,14 @@ class Dispatch:
     token_idx: torch.Tensor
     counts: torch.Tensor
 
+    def segments(self, slot_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Row range [start, end) of the sorted pairs for each [first, last) range of slots."""
+        offsets = [0, *torch.cumsum(self.counts, 0).tolist()]
+        return [(offsets[first], offsets[last]) for first, last in slot_ranges]
+
     def segment(self, first_slot: int, last_slot: int) -> tuple[int, int]:
         """Row range [start, end) of the sorted pairs that belong to slots first..last-1."""
-        offsets = torch.cumsum(self.counts, 0).tolist()
-        start = offsets[first_slot - 1] if first_slot > 0 else 0
-        end = offsets[last_slot - 1] if last_slot > 0 else 0
-        return start, end
+        return self.segments([(first_slot, last_slot)])[0]
 
 
 def group_by_slot(slots: torch.Tensor, num_slots: int) -> Dispatch:
