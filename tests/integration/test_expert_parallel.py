@@ -64,6 +64,13 @@ def test_sharded_equals_transformers(ray_session, demo_path):
         model.close()
 
 
+def wait_until(condition, timeout_s: float) -> None:
+    """Poll `condition` until it holds or `timeout_s` passes; the caller asserts afterwards."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _balancer(policy: str, factor: float, shards: int = 2, redundant: int = 0):
     return ExpertLoadBalancer(
         [initial_placement(8, shards, redundant)] * 4, capacity_factor=factor, overflow=policy
@@ -122,9 +129,7 @@ def test_killed_shard_with_two_copies_loses_nothing(ray_session, demo_path, refe
         os.kill(_shard_pid(pool, 0), signal.SIGKILL)
         outputs = [model(IDS) for _ in range(3)]  # every pass completes, correct
         assert all((o - reference).abs().max().item() < 1e-5 for o in outputs)
-        deadline = time.monotonic() + 60
-        while "shard 0 replaced" not in pool.events and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: "shard 0 replaced" in pool.events, 60)
         assert "shard 0 replaced" in pool.events, pool.events
         assert (model(IDS) - reference).abs().max().item() < 1e-5
         # the graph was torn down with the dead shard and recompiled over its replacement
@@ -132,9 +137,7 @@ def test_killed_shard_with_two_copies_loses_nothing(ray_session, demo_path, refe
             e.startswith("compiled graph torn down") or e.startswith("shard 0 failed")
             for e in pool.events
         )
-        deadline = time.monotonic() + 30
-        while pool.transport_in_use != "compiled" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: pool.transport_in_use == "compiled", 30)
         assert pool.transport_in_use == "compiled", pool.events
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
@@ -151,9 +154,7 @@ def test_only_copy_lost_fails_fast_then_recovers(ray_session, demo_path, referen
             for _ in range(3):
                 model(IDS)
         assert time.monotonic() - start < 10  # fast, not a timeout
-        deadline = time.monotonic() + 60
-        while "shard 1 replaced" not in pool.events and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: "shard 1 replaced" in pool.events, 60)
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
         model.close()
@@ -193,9 +194,7 @@ def test_forward_threads_do_not_fail_during_rebalance(ray_session, demo_path, re
     try:
         time.sleep(1.0)
         model.pool.rebalance(wait=True)
-        deadline = time.monotonic() + 30
-        while model.pool.version == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: model.pool.version != 0, 30)
     finally:
         stop.set()
         worker.join(timeout=30)
@@ -217,9 +216,7 @@ def test_add_and_remove_shards_while_serving(ray_session, demo_path, reference):
             assert pool.num_shards == target == len(pool.shards), pool.events
             assert all((o - reference).abs().max().item() < 1e-5 for o in outputs)
             assert {int(s) for s in pool.placements()[0].slot_shard} == set(range(target))
-        deadline = time.monotonic() + 30
-        while pool.transport_in_use != "compiled" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: pool.transport_in_use == "compiled", 30)
         assert pool.transport_in_use == "compiled", pool.events  # rebuilt over the new set
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
