@@ -10,12 +10,14 @@ experts on ExpertShard actors and answers the same two questions.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
 
 from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertWeights, grouped_swiglu
+from experts.timing import ExpertTime
 from router.dispatch import Dispatch
 from router.gating import Gating
 
@@ -33,12 +35,19 @@ class ExpertPool(Protocol):
         """x [N, D] pairs grouped by slot as in `dispatch` -> expert outputs [N, D], same order."""
         ...
 
+    def step_time(self) -> ExpertTime:
+        """What `compute` measured since the last call (then starts afresh): the step
+        accounting's expert, transport and imbalance time (serving/steptime.py)."""
+        ...
+
 
 class LocalExpertPool:
     """Every logical expert once, in this process: slot id == expert id."""
 
     def __init__(self, layers: list[ExpertWeights]) -> None:
         self.layers = layers
+        self.timing = True  # off: compute is not timed
+        self._times = ExpertTime()
 
     @classmethod
     def from_checkpoint(
@@ -58,4 +67,15 @@ class LocalExpertPool:
         return gating.experts, gating.weights
 
     def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        return grouped_swiglu(x, dispatch.counts, self.layers[layer])
+        # On CUDA kernels run asynchronously, so this times their launch; the router's
+        # expert-parallel form (ExpertShard on its own device) times the kernels themselves.
+        start = time.perf_counter()
+        y = grouped_swiglu(x, dispatch.counts, self.layers[layer])
+        if self.timing:
+            seconds = time.perf_counter() - start
+            self._times.add_layer(seconds, [seconds])  # one "shard": no transport, no imbalance
+        return y
+
+    def step_time(self) -> ExpertTime:
+        times, self._times = self._times, ExpertTime()
+        return times

@@ -36,6 +36,7 @@ from ray.exceptions import GetTimeoutError, RayError
 
 from experts.checkpoint import MixtralConfig
 from experts.shard import ExpertShard, from_numpy, to_numpy
+from experts.timing import ExpertTime
 from router.balancer import ExpertLoadBalancer
 from router.dispatch import Dispatch
 from router.gating import Gating
@@ -93,6 +94,10 @@ class RayExpertPool:
         self.compiled_max_bytes = compiled_max_bytes
         self._graph = None  # the compiled fan-out, when live
         self._graph_lock = threading.Lock()
+        # Step accounting (serving/steptime.py): round trips and each shard's own compute time,
+        # summed until the scheduler takes them after its step. Off: nothing is timed.
+        self.timing = True
+        self._times = ExpertTime()
         self.shards = [self._start_actor() for _ in range(num_shards)]
         self._load_all(self.version, self.placements())
         if transport == "compiled":
@@ -109,13 +114,26 @@ class RayExpertPool:
         a = self.balancer.assign(layer, gating.experts, gating.weights, gating.probs)
         return a.slots, a.weights
 
+    def step_time(self) -> ExpertTime:
+        """What the compute calls measured since the last call (then starts afresh)."""
+        times, self._times = self._times, ExpertTime()
+        return times
+
     def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """x [N, D] grouped by slot -> [N, D]; one concurrent call per shard with rows."""
+        start = time.perf_counter()
+        shard_s = [0.0] * self.num_shards  # each shard's own compute time in this layer
+        y = self._compute(layer, x, dispatch, shard_s)
+        if self.timing:
+            self._times.add_layer(time.perf_counter() - start, shard_s)
+        return y
+
+    def _compute(self, layer, x, dispatch, shard_s: list[float]) -> torch.Tensor:
         placement, version = self.balancer.placement(layer), self.version
         ranges = self._shard_ranges(placement)
         rows = dispatch.segments(ranges)  # [start, end) of each shard's rows
         if self._graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
-            y = self._compiled_compute(layer, version, x, dispatch.counts, ranges, rows)
+            y = self._compiled_compute(layer, version, x, dispatch.counts, ranges, rows, shard_s)
             if y is not None:
                 return y
         calls = {}
@@ -127,16 +145,18 @@ class RayExpertPool:
                 )
                 calls[shard] = (start, end, ref)
         out = torch.empty_like(x)
-        failed = self._collect(calls, out)
+        failed = self._collect(calls, out, shard_s)
         for shard, ((first, last), (start, end)) in enumerate(zip(ranges, rows, strict=True)):
             if end > start and (shard in failed or shard not in calls):
                 out[start:end] = self._redirect(layer, version, placement, first, last,
-                                                dispatch.counts, x[start:end])  # fmt: skip
+                                                dispatch.counts, x[start:end], shard_s)  # fmt: skip
         return out
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _compiled_compute(self, layer, version, x, counts, ranges, rows) -> torch.Tensor | None:
+    def _compiled_compute(
+        self, layer, version, x, counts, ranges, rows, shard_s
+    ) -> torch.Tensor | None:
         """One execution of the compiled fan-out: every shard gets its rows (maybe none).
         Returns None when the graph failed; the caller then uses plain calls."""
         xs = [to_numpy(x[start:end]) for start, end in rows]
@@ -154,7 +174,9 @@ class RayExpertPool:
                 log.warning("compiled graph failed (%s); serving through plain calls", exc)
                 threading.Thread(target=_teardown, args=(graph,), daemon=True).start()
                 return None
-        return torch.cat([from_numpy(y, self.dtype, x.device) for y in ys])
+        for s, (_, seconds) in enumerate(ys):
+            shard_s[s] += seconds
+        return torch.cat([from_numpy(y, self.dtype, x.device) for y, _ in ys])
 
     def _compile(self) -> None:
         """Compile the per-layer fan-out over the current actors (inputs: version, layer, one x
@@ -179,20 +201,22 @@ class RayExpertPool:
             self._graph = graph
         self.events.append("compiled graph ready")
 
-    def _collect(self, calls: dict, out: torch.Tensor) -> set[int]:
-        """Wait for every call (bounded by the timeout); fill `out`; return the shards that failed."""
+    def _collect(self, calls: dict, out: torch.Tensor, shard_s: list[float]) -> set[int]:
+        """Wait for every call (bounded by the timeout); fill `out` and each shard's compute
+        seconds; return the shards that failed."""
         failed = set()
         deadline = time.monotonic() + self.call_timeout_s
         for shard, (start, end, ref) in calls.items():
             try:
-                y = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                y, seconds = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
                 out[start:end] = from_numpy(y, self.dtype, out.device)
+                shard_s[shard] += seconds
             except (GetTimeoutError, RayError) as exc:
                 failed.add(shard)
                 self._mark_dead(shard, exc)
         return failed
 
-    def _redirect(self, layer, version, placement, first, last, counts, x) -> torch.Tensor:
+    def _redirect(self, layer, version, placement, first, last, counts, x, shard_s) -> torch.Tensor:
         """Rows of dead slots first..last-1, recomputed on live copies of the same experts."""
         seg_counts = counts[first:last]
         slot_of_row = torch.repeat_interleave(torch.arange(first, last), seg_counts)  # [n]
@@ -208,9 +232,9 @@ class RayExpertPool:
             local = torch.bincount(target[rows] - lo, minlength=hi - lo).numpy()
             ref = self.shards[shard].compute.remote(version, layer, to_numpy(x[rows]), local)
             try:
-                y[rows] = from_numpy(
-                    ray.get(ref, timeout=self.call_timeout_s), self.dtype, x.device
-                )
+                out, seconds = ray.get(ref, timeout=self.call_timeout_s)
+                y[rows] = from_numpy(out, self.dtype, x.device)
+                shard_s[shard] += seconds
             except (GetTimeoutError, RayError) as exc:
                 self._mark_dead(shard, exc)
                 raise ExpertUnavailableError(

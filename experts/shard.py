@@ -115,15 +115,22 @@ class ExpertShard:
         serving."""
         self._delay_s = max(0.0, float(seconds))
 
-    def compute(self, version: int, layer: int, x: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """x [n, D] rows grouped by local slot, counts [s] rows per local slot -> [n, D]."""
+    def compute(
+        self, version: int, layer: int, x: np.ndarray, counts: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        """x [n, D] rows grouped by local slot, counts [s] rows per local slot -> ([n, D], the
+        seconds this shard spent computing them: the step accounting's expert time)."""
         if self._delay_s:
-            time.sleep(self._delay_s)
+            time.sleep(self._delay_s)  # a slow device: counted as compute, as it would be
+        start = time.perf_counter() - self._delay_s
         weights = self._versions[version][layer]
         self._tokens[version][layer] += counts
         xt = from_numpy(x, self._dtype, self._device)
         y = grouped_swiglu(xt, torch.tensor(counts, dtype=torch.long), weights)
-        return to_numpy(y)
+        if y.is_cuda:
+            torch.cuda.synchronize(y.device)  # the copy back would wait anyway: time the kernels
+        seconds = time.perf_counter() - start
+        return to_numpy(y), seconds
 
     def token_counts(self, version: int) -> list[list[int]]:
         """Tokens computed per local slot, per layer, since `version` was prepared."""

@@ -38,7 +38,10 @@ def write_checkpoint(path: Path, config: dict) -> None:
 
 def gemm_peak(device: str, dtype: torch.dtype, n: int = 2048, rounds: int = 7) -> float:
     """Median FLOP/s of one n x n x n matmul: the machine's practical GEMM peak."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
     return 2 * n**3 / median_seconds(lambda: a @ b, rounds, device)
 
 
@@ -163,7 +166,9 @@ def main() -> None:
                 "fraction_of_gemm_peak": round(flops[kind] / s / peak, 3),
             }
         best_hf = min(statistics.median(times[kind][n]) for n in rows if n != "ours")
-        rows["speedup_vs_best_transformers"] = round(best_hf / statistics.median(times[kind]["ours"]), 3)
+        rows["speedup_vs_best_transformers"] = round(
+            best_hf / statistics.median(times[kind]["ours"]), 3
+        )
         report[kind] = {"shape": f"{batch_p}x{seq_p}" if kind == "prefill" else
                         f"batch {batch_d}, cache {ctx_d}", **rows}  # fmt: skip
     print(json.dumps(report, indent=2))

@@ -96,7 +96,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--expert-shards", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--torch-threads", type=int, default=0, help="router threads (0: the default, every core but one)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="router threads (0: the default, every core but one)",
+    )
     args = ap.parse_args()
 
     sched = SchedulerConfig(

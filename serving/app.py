@@ -89,23 +89,29 @@ class Router:
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
+        from serving.controller_app import deployment_plan
         from serving.monitor import RouterMonitor
         from serving.scheduler import Scheduler
+        from serving.steptime import StepAccounting
         from serving.tokenizer import TextTokenizer
 
         torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) - 1))
         model = load_serving_model(config)
         tokenizer = TextTokenizer(model_dir(config))
         self.scheduler = Scheduler(model, config.scheduler, decode=tokenizer.decode)
+        self.scheduler.accounting = StepAccounting(config.monitoring.accounting_window_s)
+        plan = deployment_plan(config, model_dir(config))  # targets and the efficiency basis
         self.monitor = RouterMonitor(
             self.scheduler,
             _metrics() if config.monitoring.metrics else None,
             on_gpu=config.device.startswith("cuda"),
             period_s=config.monitoring.period_s,
+            plan=plan,
         )
         self.scheduler.observer = self.monitor.on_step
         self._monitor_task: asyncio.Task | None = None
-        self.controller = _start_controller(config) if config.monitoring.controller else None
+        controller = config.monitoring.controller
+        self.controller = _start_controller(config, plan) if controller else None
 
     def _ensure_monitor(self) -> None:
         # Started from a request, where the replica's event loop is surely running.
@@ -131,18 +137,22 @@ class Router:
         return self.monitor.apply(Decision.model_validate(decision))
 
     async def status(self) -> dict:
-        """The controller's StatusReport (GET /v1/moe/status); without a controller, the
-        router's own figures."""
+        """The controller's StatusReport (GET /v1/moe/status), or without a controller the
+        router's own figures; either way with the router's step accounting (`efficiency`)."""
         from serving.controller_loop import StatusReport
 
         if self.controller is not None:
-            return await self.controller.status.remote()
-        c = self.monitor.counters()
-        return StatusReport(
-            queue_depth=c.queue_depth,
-            expert_load_cv=c.expert_load_cv,
-            max_over_mean=c.max_over_mean,
-        ).model_dump(mode="json")
+            report = await self.controller.status.remote()
+        else:
+            c = self.monitor.counters()
+            report = StatusReport(
+                queue_depth=c.queue_depth,
+                expert_load_cv=c.expert_load_cv,
+                max_over_mean=c.max_over_mean,
+                step_fractions=c.step_fractions,
+                measured_efficiency=c.measured_efficiency,
+            ).model_dump(mode="json")
+        return report | {"efficiency": self.monitor.efficiency()}
 
     async def expert_shards(self) -> list:
         """The ExpertShard actor handles in use (empty without shards): for diagnostics and the
@@ -198,12 +208,12 @@ def _metrics():
     return Metrics()
 
 
-def _start_controller(config: ServeConfig):
-    """The app's controller actor, with targets planned for this model and hardware."""
+def _start_controller(config: ServeConfig, plan):
+    """The app's controller actor, with targets from the deployment's plan."""
     from serving.controller_app import controller_config, start_app_controller
 
     app_name = serve.get_replica_context().app_name
-    return start_app_controller(controller_config(config, model_dir(config)), app_name)
+    return start_app_controller(controller_config(config, plan), app_name)
 
 
 def application(config: ServeConfig) -> Application:

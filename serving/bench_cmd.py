@@ -5,6 +5,11 @@ every request produces exactly `--output-len` tokens; arrivals follow a Poisson 
 `--request-rate` (inf: all at once), at most `--max-concurrency` in flight. Reported: output
 tokens/ms, request throughput, TTFT / TPOT / ITL percentiles, goodput (requests/s meeting both
 SLOs), and optionally a PNG of tokens/ms over time.
+
+Against a moe-serve server it also reads the router's step accounting (GET /v1/moe/status) before
+and after the run, and reports for exactly the run's window where the step time went, the measured
+efficiency factors, the fitted step model (what `moe-serve plan --calibrate` reads) and the
+identity check: the factors' product against the tokens this client counted over its own wall time.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.efficiency import EfficiencyBasis, fit, measure
 from serving.errors import UserError
+from serving.steptime import StepTotals
 
 
 @dataclass
@@ -76,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     key = args.api_key or os.environ.get("MOE_SERVE_API_KEY")
     summary, results = asyncio.run(_bench(args, key))
     if args.plot:
-        plot_throughput(results, summary["start"], args.plot)
+        fractions = (summary.get("efficiency") or {}).get("fractions")
+        plot_throughput(results, summary["start"], args.plot, fractions)
     summary.pop("start")
     if args.json:
         print(json.dumps(summary))
@@ -94,6 +102,7 @@ async def _bench(args: argparse.Namespace, key: str | None) -> tuple[dict, list[
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
         model, vocab = await model_card(session, url, args.model)
         prompts = random_prompts(args.num_prompts, args.input_len, vocab, args.seed)
+        before = await read_accounting(session, url)
         start = time.perf_counter()
         results = await run_load(
             session,
@@ -107,9 +116,52 @@ async def _bench(args: argparse.Namespace, key: str | None) -> tuple[dict, list[
             progress=Progress(len(prompts)),
         )
         duration = time.perf_counter() - start
+        after = await read_accounting(session, url)
     summary = summarize(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+    client_tokens = summary["total_input_tokens"] + summary["total_output_tokens"]
+    summary["efficiency"] = efficiency_report(before, after, client_tokens, duration)
     summary["start"] = start
     return summary, results
+
+
+async def read_accounting(session, url: str) -> dict | None:
+    """The router's `efficiency` section of GET /v1/moe/status; None from other servers."""
+    try:
+        async with session.get(f"{url}/v1/moe/status") as r:
+            if r.status != 200:
+                return None
+            body = await r.json(content_type=None)
+    except (OSError, ValueError):
+        return None
+    section = body.get("efficiency") if isinstance(body, dict) else None
+    return section if isinstance(section, dict) and section.get("totals") else None
+
+
+def efficiency_report(
+    before: dict | None, after: dict | None, client_tokens: int, duration_s: float
+) -> dict | None:
+    """The step accounting of the run's window (after minus before) in planner terms, with the
+    identity check against the client's own token count; None without the router's figures."""
+    if before is None or after is None:
+        return None
+    totals = StepTotals.from_json(after["totals"]) - StepTotals.from_json(before["totals"])
+    basis = EfficiencyBasis.model_validate(after["basis"]) if after.get("basis") else None
+    measured = measure(totals, basis) if basis else None
+    model = fit(totals)
+    report = {
+        "totals": totals.to_json(),
+        "fractions": totals.fractions(),
+        "basis": basis.model_dump() if basis else None,
+        "measured": measured.model_dump() if measured else None,
+        "step_model": model.model_dump() if model else None,
+    }
+    if measured is not None and duration_s > 0:
+        client = client_tokens / (duration_s * 1000.0) / basis.devices
+        report["client_tokens_per_ms_per_device"] = client
+        # M3's identity: the product of the factors against what the client saw, over the
+        # ceiling. Near 1 when the accounting covers the run's time.
+        report["identity_ratio"] = measured.efficiency / (client / basis.ceiling_tokens_per_ms)
+    return report
 
 
 async def model_card(session, url: str, model: str | None) -> tuple[str, int]:
@@ -248,11 +300,30 @@ def summarize(
 
 def format_summary(s: dict) -> str:
     rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"])]
-    rows += [(k, s[k]) for k in s if k not in ("completed", "failed", "errors")]
+    rows += [(k, s[k]) for k in s if k not in ("completed", "failed", "errors", "efficiency")]
     lines = ["=" * 22 + " Serving Benchmark Result " + "=" * 22]
     lines += [f"{k.replace('_', ' '):<46}{v}" for k, v in rows]
     lines += [f"error: {e}" for e in s["errors"]]
+    lines += _efficiency_lines(s.get("efficiency"))
     return "\n".join(lines + ["=" * 70])
+
+
+def _efficiency_lines(e: dict | None) -> list[str]:
+    if not e or not e.get("fractions"):
+        return []
+    lines = ["-" * 24 + " Where step time went " + "-" * 24]
+    lines += [f"{part:<46}{share:.1%}" for part, share in e["fractions"].items()]
+    m = e.get("measured")
+    if m:
+        lines += [f"{name.replace('_', ' ') + ' (measured)':<46}{value:.4g}"
+                  for name, value in m["factors"].items()]  # fmt: skip
+        lines.append(f"{'measured efficiency':<46}{m['efficiency']:.4g}")
+        lines.append(f"{'tokens/ms per device (router)':<46}{m['tokens_per_ms_per_device']:.4g}")
+        lines.append(
+            f"{'tokens/ms per device (client)':<46}{e['client_tokens_per_ms_per_device']:.4g}"
+        )
+        lines.append(f"{'identity ratio (1 = consistent)':<46}{e['identity_ratio']:.3f}")
+    return lines
 
 
 def throughput_series(results: list[RequestResult], start: float, bins: int = 50):
@@ -266,7 +337,10 @@ def throughput_series(results: list[RequestResult], start: float, bins: int = 50
     return (edges[:-1] + edges[1:]) / 2, counts / width_ms
 
 
-def plot_throughput(results: list[RequestResult], start: float, path: str) -> None:
+def plot_throughput(
+    results: list[RequestResult], start: float, path: str, fractions: dict | None = None
+) -> None:
+    """Tokens/ms over time; beside it, where the step time went (when the server said)."""
     try:
         import matplotlib
 
@@ -275,7 +349,11 @@ def plot_throughput(results: list[RequestResult], start: float, path: str) -> No
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from None
     x, y = throughput_series(results, start)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    if fractions:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=(4, 1))
+        _plot_breakdown(bx, fractions)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(x, y, drawstyle="steps-mid")
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("output tokens/ms")
@@ -284,6 +362,19 @@ def plot_throughput(results: list[RequestResult], start: float, path: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_breakdown(ax, fractions: dict[str, float]) -> None:
+    """One stacked bar: each part's share of the run's step time."""
+    bottom = 0.0
+    for part, share in fractions.items():
+        ax.bar(0, share, bottom=bottom, label=f"{part} {share:.0%}")
+        bottom += share
+    ax.set_xticks([])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of step time")
+    ax.set_title("where step time went")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.02))
 
 
 class Progress:

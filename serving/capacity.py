@@ -180,6 +180,7 @@ class PlanOptions(Frozen):
     checkpoint_above: PositiveInt = 2048
     usable_hbm_fraction: Fraction = 0.90  # CUDA context, allocator slack, NCCL buffers
     bytes_per_value: PositiveFloat = 2.0  # bf16 weights, KV cache and activations
+    measured_from: str | None = None  # a bench report the four factors were measured in
 
     @model_validator(mode="after")
     def _check(self) -> PlanOptions:
@@ -232,7 +233,7 @@ class Plan(Frozen):
     ceiling_tokens_per_ms: float
     efficiency: float
     efficiency_factors: EfficiencyFactors
-    efficiency_factor_sources: dict[str, Literal["given", "derived"]]
+    efficiency_factor_sources: dict[str, Literal["given", "derived", "measured"]]
     derived_estimates: dict[str, float]  # F4-F6 where computable, even when a factor is given
     realistic_tokens_per_ms: float
     target_tokens_per_ms: float | None
@@ -395,25 +396,26 @@ def _factors(
     }
     if model.hidden_size and model.num_hidden_layers or options.communication == "derived":
         derived["communication"] = communication(model, hw, options, peak)  # may raise, one line
-    values, sources = {"kernel": options.kernel}, {"kernel": "given"}
+    label = "measured" if options.measured_from else "given"
+    values, sources = {"kernel": options.kernel}, {"kernel": label}
     for name in LOSSES:
         given = getattr(options, name)
         values[name] = derived[name] if given == "derived" else given
-        sources[name] = "derived" if given == "derived" else "given"
+        sources[name] = "derived" if given == "derived" else label
     return EfficiencyFactors(**values), sources, derived
 
 
 def _efficiency_lines(
     factors: EfficiencyFactors, sources: dict, derived: dict, eff: float, at: str
 ) -> list[str]:
-    lines = [f"kernel = {factors.kernel:.2f} (given)"]
+    lines = [f"kernel = {factors.kernel:.4g} ({sources['kernel']})"]
     for name in LOSSES:
         value, note = getattr(factors, name), sources[name]
-        if note == "given" and name in derived:
+        if note != "derived" and name in derived:
             note += f"; derived at {at} it would be {derived[name]:.3f}"
         lines.append(f"{name.replace('_', ' ')} = {value:.3f} ({note})")
     terms = " x ".join(
-        [f"{factors.kernel:.2f}"] + [f"(1 - {getattr(factors, n):.3f})" for n in LOSSES]
+        [f"{factors.kernel:.3g}"] + [f"(1 - {getattr(factors, n):.3f})" for n in LOSSES]
     )
     return lines + [f"efficiency = {terms} = {eff:.3f}"]
 

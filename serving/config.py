@@ -66,6 +66,9 @@ class MonitoringConfig(BaseModel):
     # Seconds between the router's slower readings (overflow, expert load) and gauge re-sets;
     # gauges expire ~30 s after their last set (DESIGN.md section 7), so keep it well below.
     period_s: float = Field(5.0, gt=0, le=20)
+    # Seconds of steps the step-time breakdown and measured efficiency are taken over (status,
+    # metrics, the controller's view); totals since start are kept as well (serving/steptime.py).
+    accounting_window_s: float = Field(30.0, gt=0)
     # Seconds spent measuring this machine when `hardware` is "cpu" (at router start).
     cpu_measure_s: float = Field(1.0, gt=0)
 
@@ -103,6 +106,9 @@ class ServeConfig(BaseModel):
     # The planner's hardware profile for the controller's targets: a name under configs/hardware
     # (h200, h100, ...), a YAML path, or "cpu" (this machine, measured at router start).
     hardware: str = "cpu"
+    # A `moe-serve bench --json` report of this deployment: the plan (phase targets, measured
+    # factors) uses the efficiency factors measured in it instead of assumed ones.
+    calibration: str | None = None
     monitoring: MonitoringConfig = MonitoringConfig()
     # Controller thresholds, batch strategy and fallback; targets (phases, ceiling, memory limit)
     # come from the planner unless `controller.phases` is given.

@@ -121,6 +121,10 @@ class Observation(Frozen):
     can_scale_out: bool = False  # the cluster has room for one more shard or replica
     can_scale_in: bool = False  # the deployment may lose one (above its configured minimum)
     can_rebalance: bool = True  # False while a rebalance is in flight, or without shards
+    # The router's step-time breakdown (serving/steptime.py PARTS -> share of step time) and the
+    # measured efficiency; None before any step.
+    step_fractions: dict[str, float] | None = None
+    measured_efficiency: float | None = None
 
 
 class BatchSettings(Frozen):
@@ -212,6 +216,24 @@ def _latency_broken(config: ControllerConfig, obs: Observation) -> str | None:
     return None
 
 
+LOSS_PARTS = {"transport": "transport", "imbalance": "waiting on the slowest shard",
+              "bubble": "bubbles between steps"}  # fmt: skip
+
+
+def _largest_loss(obs: Observation, target_cv: float) -> str:
+    """'; largest loss: ...' naming the step-time part that costs most, when measured."""
+    fractions = obs.step_fractions or {}
+    losses = {p: fractions[p] for p in LOSS_PARTS if p in fractions}
+    if not losses:
+        return ""
+    part = max(losses, key=losses.get)
+    note = f"; largest loss: {LOSS_PARTS[part]} {losses[part]:.0%} of step time"
+    cv = obs.expert_load_cv
+    if part == "imbalance" and cv is not None and cv <= target_cv:
+        note += f" with even load (CV {cv:.2f}): a slow shard, not hot experts"
+    return note
+
+
 def propose(
     state: ControllerState, obs: Observation, config: ControllerConfig
 ) -> tuple[Action, str]:
@@ -224,6 +246,7 @@ def propose(
     if live is None:
         return "hold", "no live measurement yet (window filling)"
     rate = f"{live:.3g} tokens/ms/device vs {current[1].name} target {target:.3g}"
+    rate += _largest_loss(obs, config.target_cv)
     # 2. Latency bounds break: undo the fallback first (the adaptive strategy only).
     broken = _latency_broken(config, obs)
     if broken and config.batch_strategy == "adaptive" and state.fallback_level > 0:

@@ -16,8 +16,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.capacity import Plan
 from serving.config import ServeConfig
-from serving.controller import ControllerConfig, Decision, config_from_plan, plan_for
+from serving.controller import ControllerConfig, Decision, config_from_plan
 from serving.controller_loop import CONTROLLER_NAME, Counters, start_controller
 
 log = logging.getLogger("moe_serve.controller")
@@ -26,10 +27,31 @@ ROUTER_DEPLOYMENT = "Router"
 CALL_TIMEOUT_S = 30.0
 
 
-def controller_config(config: ServeConfig, model_path: str) -> ControllerConfig:
+def deployment_plan(config: ServeConfig, model_path: str) -> Plan | None:
+    """The plan for the model on `config.hardware` (`cpu` is measured now), with the factors
+    measured in `config.calibration` where given (serving/calibrate.py). A failure is logged and
+    gives None: serving goes on, the controller holds, the measured factors are not computed."""
+    from serving import capacity
+    from serving.calibrate import calibrated_options, load_calibration, prediction
+    from serving.plan_cmd import load_hardware_spec, load_model_spec
+
+    try:
+        spec = load_model_spec(str(Path(model_path) / "config.json"))
+        hardware = load_hardware_spec(config.hardware, seconds=config.monitoring.cpu_measure_s)
+        options = capacity.PlanOptions()
+        if config.calibration:
+            cal = load_calibration(config.calibration)
+            options = calibrated_options(options, prediction(cal, hardware), config.calibration)
+        return capacity.plan(spec, hardware, options)
+    except Exception as exc:  # a bad profile or report must not stop serving; it is logged
+        log.error("no plan for %s on %s (%s)", model_path, config.hardware, exc)
+        return None
+
+
+def controller_config(config: ServeConfig, plan: Plan | None) -> ControllerConfig:
     """config.controller with the fallback's level 0 set to the scheduler's settings, and the
-    planner's targets for the model and `config.hardware` (unless phases are given explicitly).
-    A planning failure is logged and leaves no targets: the controller then holds."""
+    plan's targets (unless phases are given explicitly). Without a plan there are no targets:
+    the controller then holds."""
     s = config.scheduler
     fallback = config.controller.fallback.model_copy(
         update={
@@ -38,18 +60,9 @@ def controller_config(config: ServeConfig, model_path: str) -> ControllerConfig:
         }
     )
     base = config.controller.model_copy(update={"fallback": fallback})
-    if base.phases:
+    if base.phases or plan is None:
         return base
-    try:
-        plan = plan_for(
-            str(Path(model_path) / "config.json"),
-            config.hardware,
-            cpu_seconds=config.monitoring.cpu_measure_s,
-        )
-        return config_from_plan(plan, seq_len=s.max_seq_len, base=base)
-    except Exception as exc:  # a bad profile must not stop serving; the reason is in the log
-        log.error("controller: no planner targets (%s); it will hold", exc)
-        return base
+    return config_from_plan(plan, seq_len=s.max_seq_len, base=base)
 
 
 def controller_name(app_name: str) -> str:

@@ -51,6 +51,12 @@ class Counters(Frozen):
     """What the app reports each period; cumulative where it says so."""
 
     tokens_generated: int = Field(ge=0)  # cumulative output tokens since the app started
+    # Cumulative prompt + output tokens run: the planner's unit, the rate the controller uses
+    # where given (None: an app that does not count them; the output tokens stand in).
+    tokens_processed: int | None = Field(None, ge=0)
+    # The step-time breakdown of the router's recent window (serving/steptime.py PARTS).
+    step_fractions: dict[str, float] | None = None
+    measured_efficiency: float | None = None  # tokens/ms per device over the ceiling
     gpus: int = Field(0, ge=0)  # GPUs in use by the router and the expert shards
     cpu_shards: int = Field(0, ge=0)  # expert shards on CPU, each counted as a device
     queue_depth: int = Field(0, ge=0)
@@ -80,6 +86,9 @@ class StatusReport(Frozen):
     max_over_mean: float | None = None
     queue_depth: int | None = None
     devices: int | None = None
+    step_fractions: dict[str, float] | None = None  # where the router's recent steps went
+    measured_efficiency: float | None = None
+    efficiency: dict | None = None  # the router's full efficiency section (filled by the router)
     batch_strategy: str | None = None
     fallback_level: int = 0
     last_decision: ActionRecord | None = None  # hold included
@@ -132,8 +141,11 @@ class ControllerLoop:
         """Steps 1-2: counters in, observation out."""
         c = self._read()
         devices = devices_in_use(c.gpus, c.cpu_shards)
-        self._window.add(self._clock(), c.tokens_generated)
-        fields = c.model_dump(exclude={"tokens_generated", "gpus", "cpu_shards"})
+        tokens = c.tokens_processed if c.tokens_processed is not None else c.tokens_generated
+        self._window.add(self._clock(), tokens)
+        fields = c.model_dump(
+            exclude={"tokens_generated", "tokens_processed", "gpus", "cpu_shards"}
+        )
         return Observation(
             tokens_per_ms_per_device=self._window.rate(devices), devices=devices, **fields
         )
@@ -197,6 +209,8 @@ class ControllerLoop:
             max_over_mean=obs.max_over_mean if obs else None,
             queue_depth=obs.queue_depth if obs else None,
             devices=obs.devices if obs else None,
+            step_fractions=obs.step_fractions if obs else None,
+            measured_efficiency=obs.measured_efficiency if obs else None,
             batch_strategy=self.config.batch_strategy,
             fallback_level=self.state.fallback_level,
             last_decision=last,

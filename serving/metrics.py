@@ -14,7 +14,8 @@ metrics agent, which serves them in Prometheus text format on the node's metrics
 
 Nothing is created at import: a process that records builds one `Metrics()` (after Ray is up) and
 keeps it. Labels are bounded: overflow policy (3 values), controller action (6), phase name (the
-plan's few phases). No per-request, per-expert or per-layer labels.
+plan's few phases), step part (5), efficiency factor (4). No per-request, per-expert or per-layer
+labels.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]] = {
     "moe_tokens_per_ms_per_gpu": (
         "gauge",
-        "Live generated tokens per ms per device in use (sliding window)",
+        "Live tokens (prompt + generated) per ms per device in use (sliding window)",
         (),
         (),
     ),
@@ -64,6 +65,24 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...]]] = {
     "moe_queue_depth": ("gauge", "Requests waiting for a batch slot", (), ()),
     "moe_step_batch_tokens": ("gauge", "Tokens (prefill + decode) in the last step", (), ()),
     "moe_kv_cache_usage": ("gauge", "Fraction of KV cache slots in use (0-1)", (), ()),
+    "moe_step_time_fraction": (
+        "gauge",
+        "Share of step time by part: dense, expert, transport, imbalance, bubble (sums to 1)",
+        ("part",),
+        (),
+    ),
+    "moe_measured_efficiency": (
+        "gauge",
+        "Measured efficiency: tokens/ms per device over the ceiling (the factors' product)",
+        (),
+        (),
+    ),
+    "moe_efficiency_factor": (
+        "gauge",
+        "Measured planner factor: kernel, communication, load_imbalance, pipeline_bubbles",
+        ("factor",),
+        (),
+    ),
     "moe_controller_actions_total": (
         "counter",
         "Controller decisions, by action (hold included: one per period)",
@@ -156,6 +175,20 @@ class Metrics:
         self._set("moe_step_batch_tokens", batch_tokens)
         self._set("moe_queue_depth", queue_depth)
         self._set("moe_kv_cache_usage", kv_cache_usage)
+
+    def record_efficiency(
+        self,
+        fractions: dict[str, float],
+        efficiency: float | None = None,
+        factors: dict[str, float] | None = None,
+    ) -> None:
+        """The step-time breakdown of the router's recent window, and the measured factors where
+        the deployment has a plan (None: the gauges keep their last value)."""
+        for part, value in fractions.items():
+            self._set("moe_step_time_fraction", value, {"part": part})
+        self._set("moe_measured_efficiency", efficiency)
+        for name, value in (factors or {}).items():
+            self._set("moe_efficiency_factor", value, {"factor": name})
 
     # --- counters and histograms ---
 

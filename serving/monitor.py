@@ -4,7 +4,8 @@ and how it carries out the controller's decisions (apply).
 The scheduler calls `RouterMonitor.on_step` after every step, on the event loop and between two
 forward passes, so reading the expert pool's balancer there races with nothing. Cheap figures
 (step tokens, queue, KV cache use, request latencies) are recorded every step; the balancer's
-overflow totals and load evenness every `period_s`. `run()` re-sets the gauges every period so that
+overflow totals and load evenness, and the step-time breakdown with the measured efficiency
+factors (serving/steptime.py, serving/efficiency.py), every `period_s`. `run()` re-sets the gauges every period so that
 none expires while the server is idle (Ray drops a gauge ~30 s after its last set).
 
 Live tokens/ms, targets, phase and controller actions are recorded by the controller itself
@@ -21,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from serving.controller import Decision
+from serving.capacity import Plan
+from serving.controller import Decision, devices_in_use
 from serving.controller_loop import Counters
+from serving.efficiency import Measured, basis_from_plan, measure
 from serving.scheduler import Scheduler, StepReport
 
 log = logging.getLogger("moe_serve.monitor")
@@ -38,10 +41,16 @@ class RouterMonitor:
     """One per router replica. `metrics` is a serving.metrics.Metrics, or None (not recorded)."""
 
     def __init__(
-        self, scheduler: Scheduler, metrics: Any | None, on_gpu: bool, period_s: float = 5.0
+        self,
+        scheduler: Scheduler,
+        metrics: Any | None,
+        on_gpu: bool,
+        period_s: float = 5.0,
+        plan: Plan | None = None,
     ) -> None:
         self.scheduler, self.metrics, self.on_gpu = scheduler, metrics, on_gpu
         self.period_s = period_s
+        self.plan = plan  # the deployment's plan: the basis of the measured factors
         self.ttft: deque[float] = deque(maxlen=RECENT_REQUESTS)
         self.tpot: deque[float] = deque(maxlen=RECENT_REQUESTS)
         self.load: tuple[float | None, float | None] = (None, None)  # worst layer: CV, max/mean
@@ -76,6 +85,7 @@ class RouterMonitor:
         if time.monotonic() - self._last_slow >= self.period_s:
             self._last_slow = time.monotonic()
             self._read_balancer()
+            self._read_accounting()
 
     def _read_balancer(self) -> None:
         """Overflow totals and the worst layer's load evenness (only with expert shards)."""
@@ -95,6 +105,48 @@ class RouterMonitor:
             )
             self.metrics.record_load(cv=self.load[0], max_over_mean=self.load[1])
 
+    def _read_accounting(self) -> None:
+        if self.metrics is None:
+            return
+        fractions, measured = self.window()
+        if fractions is not None:
+            factors = dict(measured.factors) if measured else None
+            efficiency = measured.efficiency if measured else None
+            self.metrics.record_efficiency(fractions, efficiency, factors)
+
+    def window(self) -> tuple[dict[str, float] | None, Measured | None]:
+        """The recent window's step-time fractions, and its measured factors where the
+        deployment has a plan; (None, None) without steps in the window."""
+        accounting = getattr(self.scheduler, "accounting", None)
+        if accounting is None:
+            return None, None
+        window = accounting.window()
+        basis = basis_from_plan(self.plan, self.devices()) if self.plan else None
+        return window.fractions(), measure(window, basis) if basis else None
+
+    def efficiency(self) -> dict:
+        """The `efficiency` section of GET /v1/moe/status: cumulative totals (a benchmark diffs
+        two readings), the basis, the recent window measured, and the plan's assumptions."""
+        accounting = getattr(self.scheduler, "accounting", None)
+        if accounting is None:
+            return {}
+        fractions, measured = self.window()
+        plan = self.plan
+        return {
+            "totals": accounting.totals.to_json(),
+            "basis": basis_from_plan(plan, self.devices()).model_dump() if plan else None,
+            "window_s": accounting.window_s,
+            "fractions": fractions,
+            "measured": measured.model_dump() if measured else None,
+            "planned": {
+                "factors": dict(plan.efficiency_factors),
+                "sources": plan.efficiency_factor_sources,
+                "efficiency": plan.efficiency,
+            }
+            if plan
+            else None,
+        }
+
     async def run(self) -> None:
         """Re-set the gauges every period; never dies."""
         while True:
@@ -107,12 +159,25 @@ class RouterMonitor:
 
     # -- the controller's view -------------------------------------------------------------------
 
+    def _shard_gpus(self) -> int:
+        on_gpu = str(getattr(self.pool, "device", "cpu")).startswith("cuda")
+        return self.shards if on_gpu else 0
+
+    def devices(self) -> int:
+        """Devices in use, counted as the controller counts them."""
+        gpus = self._shard_gpus()
+        return devices_in_use((1 if self.on_gpu else 0) + gpus, self.shards - gpus)
+
     def counters(self) -> Counters:
         shards = self.shards
-        shard_gpus = shards if str(getattr(self.pool, "device", "cpu")).startswith("cuda") else 0
+        shard_gpus = self._shard_gpus()
         busy = self._reconfiguring()
+        fractions, measured = self.window()
         return Counters(
             tokens_generated=self.scheduler.tokens_generated,
+            tokens_processed=getattr(self.scheduler, "tokens_processed", None),
+            step_fractions=fractions,
+            measured_efficiency=measured.efficiency if measured else None,
             gpus=(1 if self.on_gpu else 0) + shard_gpus,
             cpu_shards=shards - shard_gpus,
             queue_depth=len(self.scheduler.waiting),

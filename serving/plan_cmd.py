@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from serving import capacity
+from serving.calibrate import calibrated_options, load_calibration, prediction, summary
 from serving.capacity import HardwareSpec, ModelSpec, Plan, PlanOptions
 from serving.errors import UserError
 
@@ -152,7 +153,8 @@ def _options(args: argparse.Namespace) -> PlanOptions:
         except ValueError:
             raise UserError(f"--claim {claim}: expected NAME=TOKENS_PER_MS") from None
     losses = ("communication", "load_imbalance", "pipeline_bubbles")
-    data = {k: getattr(args, k) for k in ("gpus", "ep", "pp", "micro_batches", "batch", "cv")}
+    data = {k: getattr(args, k) for k in ("gpus", "ep", "pp", "micro_batches", "cv")}
+    data |= {"batch": args.batch} if args.batch is not None else {}
     data |= {"target_tokens_per_ms": args.target, "seq_lens": seq_lens, "claims": tuple(claims)}
     data["aggregate_target_tokens_per_ms"] = args.aggregate_target
     # --derive first, so that a factor given by its own flag still wins; unset flags keep
@@ -168,10 +170,11 @@ def _options(args: argparse.Namespace) -> PlanOptions:
         raise UserError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
-def render(plan: Plan, markdown: bool = False) -> str:
-    """The report: summary, factors, phases, memory, proof and formulas; text or Markdown."""
+def render(plan: Plan, markdown: bool = False, extra: list[str] | None = None) -> str:
+    """The report: summary, factors, phases, memory, proof and formulas (and a calibration
+    section, given `extra` lines); text or Markdown."""
     factors = [
-        (k, f"{v:.3f}", plan.efficiency_factor_sources[k]) for k, v in plan.efficiency_factors
+        (k, _num(v, 3), plan.efficiency_factor_sources[k]) for k, v in plan.efficiency_factors
     ]
     memory_title = f"memory per GPU, batch {plan.options.batch}, ep {plan.options.ep}:"
     lines = [f"{'# ' if markdown else ''}Capacity plan: {plan.model} on {plan.hardware}", ""]
@@ -182,7 +185,9 @@ def render(plan: Plan, markdown: bool = False) -> str:
     head = ("seq_len", "weights GB", "KV GB", "activations GB", "total GB", "ckpt", "max batch")
     lines += ["", memory_title, *([""] if markdown else [])]
     lines += _table(head, _memory_rows(plan), markdown)
-    for title, body in (("proof", plan.proof), ("formulas", formulas())):
+    sections = [("calibration", extra)] if extra else []
+    sections += [("proof", plan.proof), ("formulas", formulas())]
+    for title, body in sections:
         lines += ["", f"## {title}" if markdown else f"{title}:"]
         lines += ["```", *body, "```"] if markdown else [f"  {line}" for line in body]
     return "\n".join(lines) + "\n"
@@ -192,9 +197,9 @@ def _summary_rows(plan: Plan) -> list[tuple]:
     peak = f"{plan.peak_flops_used / 1e12:.4g} TFLOP/s ({plan.peak_source})"
     rows = [
         ("peak used", peak),
-        ("ceiling", f"{plan.ceiling_tokens_per_ms:.1f} tokens/ms per GPU"),
-        ("efficiency", f"{plan.efficiency:.3f}"),
-        ("realistic", f"{plan.realistic_tokens_per_ms:.1f} tokens/ms per GPU"),
+        ("ceiling", f"{_num(plan.ceiling_tokens_per_ms, 1)} tokens/ms per GPU"),
+        ("efficiency", _num(plan.efficiency, 3)),
+        ("realistic", f"{_num(plan.realistic_tokens_per_ms, 1)} tokens/ms per GPU"),
     ]
     if plan.target_tokens_per_ms is not None:
         verdict = "feasible" if plan.feasible else "INFEASIBLE"
@@ -215,9 +220,15 @@ def _phase_rows(plan: Plan, markdown: bool) -> list[tuple]:
         # Text puts each condition on its own line; a Markdown cell holds them all.
         conditions = ["; ".join(p.conditions)] if markdown else list(p.conditions) or [""]
         feasible = "yes" if p.feasible else "NO"
-        rows.append((p.name, f"{p.tokens_per_ms:.1f}", feasible, conditions[0]))
+        rows.append((p.name, _num(p.tokens_per_ms, 1), feasible, conditions[0]))
         rows += [("", "", "", c) for c in conditions[1:]]
     return rows
+
+
+def _num(x: float, decimals: int) -> str:
+    """Fixed decimals, or 3 significant digits where those would round a small figure away
+    (a CPU deployment's tokens/ms and efficiency are small)."""
+    return f"{x:.{decimals}f}" if abs(x) >= 10.0 ** (1 - decimals) or x == 0 else f"{x:.3g}"
 
 
 def _memory_rows(plan: Plan) -> list[tuple]:
@@ -248,17 +259,47 @@ def formulas() -> list[str]:
 def run(args: argparse.Namespace) -> int:
     model = load_model_spec(args.model)
     hardware = load_hardware_spec(args.hardware)
-    result = capacity.plan(model, hardware, _options(args))
+    options, calibration = _options(args), None
+    if args.check and not args.calibrate:
+        raise UserError("--check needs --calibrate REPORT.json")
+    if args.calibrate:
+        cal = load_calibration(args.calibrate)
+        predicted = prediction(cal, hardware, args.batch)
+        options = calibrated_options(options, predicted, args.calibrate)
+        check = load_calibration(args.check) if args.check else None
+        calibration = summary(cal, predicted, hardware, check)
+    result = capacity.plan(model, hardware, options)
+    extra = _calibration_lines(args, calibration) if calibration else []
     if args.markdown:
         try:
-            Path(args.markdown).write_text(render(result, markdown=True))
+            Path(args.markdown).write_text(render(result, markdown=True, extra=extra))
         except OSError as exc:
             raise UserError(f"--markdown {args.markdown}: cannot write ({exc.strerror})") from None
     if args.json:
-        print(json.dumps(result.model_dump(mode="json") | {"formulas": formulas()}, indent=2))
+        data = result.model_dump(mode="json") | {"formulas": formulas()}
+        print(json.dumps(data | ({"calibration": calibration} if calibration else {}), indent=2))
     else:
-        print(render(result), end="")
+        print(render(result, extra=extra), end="")
     return 0
+
+
+def _calibration_lines(args: argparse.Namespace, c: dict) -> list[str]:
+    """Predicted vs measured tokens/ms per device, for the report's `calibration` section."""
+    lines = [
+        f"measured in {args.calibrate}: {c['measured_tokens_per_ms_per_device']:.4g} tokens/ms "
+        f"per device at {c['measured_decode_rows_per_step']:.1f} decode rows per step",
+        f"step model there: {c['predicted_at_measured_batch']:.4g} tokens/ms per device",
+        f"planned batch {c['planned_decode_rows_per_step']:.1f} decode rows per step: predicted "
+        f"{c['predicted_tokens_per_ms_per_device']:.4g} tokens/ms per device (the realistic figure)",
+    ]
+    if "check" in c:
+        k = c["check"]
+        lines.append(
+            f"check against {args.check}: predicted {k['predicted_tokens_per_ms_per_device']:.4g}"
+            f" at {k['decode_rows_per_step']:.1f} decode rows per step, measured "
+            f"{k['measured_tokens_per_ms_per_device']:.4g}: error {k['relative_error']:.1%}"
+        )
+    return lines
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -278,7 +319,11 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches (default 1)")
     p.add_argument("--seq-lens", default="128,512,2048,4096,10240", help="comma-separated")
-    p.add_argument("--batch", type=int, default=1, help="sequences per GPU (default 1)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="sequences per GPU (default 1; with --calibrate, the report's decode rows per step)",
+    )
     p.add_argument("--cv", type=float, default=0.15, help="load CV across shards (0.15)")
     p.add_argument("--overlap", type=float, help="fraction of all-to-all hidden (default 0)")
     p.add_argument("--kernel", type=float, help="kernel efficiency (default 0.90, the seed's)")
@@ -290,6 +335,16 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name}", type=_factor, help=f"loss or 'derived' (default {seed})")
     p.add_argument("--derive", action="store_true", help="derive all three losses (F4-F6)")
     p.add_argument("--claim", action="append", default=[], help="NAME=TOKENS_PER_MS to check")
+    p.add_argument(
+        "--calibrate",
+        metavar="REPORT.json",
+        help="replace the four factors by those measured in a `moe-serve bench --json` report",
+    )
+    p.add_argument(
+        "--check",
+        metavar="OTHER.json",
+        help="with --calibrate: predict at another bench report's batch and compare",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     p.set_defaults(func=run)

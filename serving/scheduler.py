@@ -6,6 +6,8 @@ requests into free slots and splitting long prompts into chunks, (4) runs the fo
 worker thread so the event loop keeps serving HTTP, and (5) samples, streams each sequence's new
 token and finishes sequences on their own (max_tokens, a stop token, a stop string). A request that
 finds no free slot waits in a bounded queue; one that finds the queue full is refused (QueueFull).
+Every step's wall time is split into dense, expert, transport, imbalance and bubble time
+(serving/steptime.py) in `accounting`.
 
 Ray-free on purpose: the router deployment wraps it, tests drive it in-process.
 Shape legend: B sequences in a step, S new tokens per sequence, V vocabulary.
@@ -28,6 +30,7 @@ from serving.config import SchedulerConfig
 from serving.detokenize import Decode, TextStream
 from serving.generate import SamplingParams, sample
 from serving.model import MixtralModel
+from serving.steptime import StepAccounting
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,11 @@ class Scheduler:
         self.draining = False
         # Slots that may hold sequences: at most the cache's, lowered at run time by set_batch.
         self.slot_limit = config.max_batch_slots
-        self.tokens_generated = 0  # cumulative sampled tokens: the controller's rate counter
+        self.tokens_generated = 0  # cumulative sampled tokens
+        self.tokens_processed = 0  # cumulative prompt + decode tokens run: the controller's rate
+        # Where each step's time goes; None: not accounted (the overhead benchmark's baseline).
+        self.accounting: StepAccounting | None = StepAccounting()
+        self._step_end: float | None = None  # perf_counter at the last step's end; None: idle
         # Decode rows per step: the batch of one forward call, what continuous batching buys.
         self.step_batch_sizes: deque[int] = deque(maxlen=4096)
         self.step_tokens: deque[int] = deque(maxlen=4096)  # prefill + decode tokens per step
@@ -205,6 +212,7 @@ class Scheduler:
             "max_step_batch": self.max_step_batch,
             "draining": self.draining,
             "tokens_generated": self.tokens_generated,
+            "tokens_processed": self.tokens_processed,
             "step_token_budget": self.config.step_token_budget,
             "slot_limit": self.slot_limit,
         }
@@ -236,13 +244,16 @@ class Scheduler:
             plan = self._plan()
             if not plan.decodes and not plan.prefills:
                 self._wake.clear()
+                self._step_end = None  # idle time belongs to no step
                 await self._wake.wait()
                 continue
+            begin = self._step_end if self._step_end is not None else time.perf_counter()
             try:
-                results = await asyncio.to_thread(self._execute, plan)
+                results, forward_s = await asyncio.to_thread(self._execute, plan)
             except Exception as exc:  # a failed step fails its sequences, never the loop
                 log.exception("scheduler step failed")
                 self._fail([*plan.decodes, *(s for s, _ in plan.prefills)], exc)
+                self._step_end = None
                 continue
             self._record(plan)
             tokens_before, finished = self.tokens_generated, []
@@ -251,6 +262,19 @@ class Scheduler:
                 if timing is not None:
                     finished.append(timing)
             self._observe(plan, self.tokens_generated - tokens_before, finished)
+            self._account(plan, begin, forward_s)
+
+    def _account(self, plan: StepPlan, begin: float, forward_s: float) -> None:
+        """Split the step's interval (previous step's end, or waking, to now) into its parts.
+        Its failure is logged, never the loop's."""
+        self._step_end = end = time.perf_counter()
+        try:
+            expert = self.model.pool.step_time()  # taken even when not accounting: starts afresh
+            if self.accounting is not None:
+                prefill = sum(n for _, n in plan.prefills)
+                self.accounting.record(end - begin, forward_s, expert, len(plan.decodes), prefill)
+        except Exception:
+            log.exception("step accounting failed")
 
     def _observe(self, plan: StepPlan, new_tokens: int, finished: list[RequestTiming]) -> None:
         """Tell the observer about the step; its failure is logged, never the loop's."""
@@ -301,11 +325,13 @@ class Scheduler:
             budget -= n
         return StepPlan(decodes, prefills)
 
-    def _execute(self, plan: StepPlan) -> list[tuple[Sequence, torch.Tensor | None]]:
+    def _execute(self, plan: StepPlan) -> tuple[list[tuple[Sequence, torch.Tensor | None]], float]:
         """Runs in the worker thread: the forward passes only, no scheduler state changes.
 
-        Returns each sequence with its next-token logits [V], or None for a partial prefill.
+        Returns each sequence with its next-token logits [V] (None for a partial prefill), and
+        the seconds the forward passes took.
         """
+        began = time.perf_counter()
         out: list[tuple[Sequence, torch.Tensor | None]] = []
         if plan.decodes:
             ids = torch.tensor([[s.output[-1]] for s in plan.decodes])  # [B, 1]
@@ -325,7 +351,9 @@ class Scheduler:
             )
             ends_prompt = seq.cached + n == len(seq.prompt)
             out.append((seq, logits[0, -1] if ends_prompt else None))
-        return out
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)  # sampling would wait anyway: time the work
+        return out, time.perf_counter() - began
 
     def _record(self, plan: StepPlan) -> None:
         for seq in plan.decodes:
@@ -333,6 +361,7 @@ class Scheduler:
         for seq, n in plan.prefills:
             seq.cached += n
         self.steps += 1
+        self.tokens_processed += len(plan.decodes) + sum(n for _, n in plan.prefills)
         self.step_batch_sizes.append(len(plan.decodes))
         self.step_tokens.append(len(plan.decodes) + sum(n for _, n in plan.prefills))
         self.max_step_batch = max(self.max_step_batch, len(plan.decodes))

@@ -2,7 +2,9 @@
 
 It asks `GET {url}/v1/moe/status` (the JSON of serving/controller_loop.py `StatusReport`) and prints
 live tokens/ms per device against the phase target and the ceiling, the phase, the expert load CV
-and max/mean, and the last controller actions; `--json` prints the report as the server sent it.
+and max/mean, where the recent steps' time went (dense, expert, transport, imbalance, bubble), the
+measured efficiency factors beside the plan's, and the last controller actions; `--json` prints
+the report as the server sent it.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def render(report: StatusReport, now: float | None = None) -> str:
         f"batch strategy        {report.batch_strategy or '-'} (fallback level "
         f"{report.fallback_level})",
     ]
+    lines += _efficiency_lines(report.efficiency or {})
     if report.last_decision is not None:
         d = report.last_decision
         lines.append(f"last decision         {d.action}: {d.reason}")
@@ -91,6 +94,32 @@ def render(report: StatusReport, now: float | None = None) -> str:
     for a in reversed(report.actions):
         lines.append(f"  {_ago(now - a.time):>8}  {a.action:<15} {a.reason}")
     return "\n".join(lines) + "\n"
+
+
+FACTORS = ("kernel", "communication", "load_imbalance", "pipeline_bubbles")
+
+
+def _efficiency_lines(e: dict) -> list[str]:
+    """The step-time breakdown of the router's window, then measured vs planned factors."""
+    fractions, measured, planned = e.get("fractions"), e.get("measured"), e.get("planned")
+    if not fractions:
+        return ["step time             no steps in the last window"]
+    steps = f", {measured['steps']} steps" if measured else ""
+    lines = [f"step time (last {e.get('window_s', 0):.0f} s{steps}):"]
+    lines += [f"  {part:<19} {share:6.1%}" for part, share in fractions.items()]
+    if measured is None:
+        return lines + ["  (no plan for this hardware: factors not measured)"]
+    lines.append(f"  {'factor':<19} {'measured':>9}  planned")
+    for name in FACTORS:
+        plan = f"{planned['factors'][name]:.3g} ({planned['sources'][name]})" if planned else "-"
+        lines.append(f"  {name:<19} {measured['factors'][name]:>9.3g}  {plan}")
+    plan_eff = f"{planned['efficiency']:.3g}" if planned else "-"
+    lines.append(f"  {'efficiency':<19} {measured['efficiency']:>9.3g}  {plan_eff}")
+    rate = measured["tokens_per_ms_per_device"]
+    lines.append(
+        f"  = {rate:.3g} tokens/ms per device / ceiling {measured['ceiling_tokens_per_ms']:.3g}"
+    )
+    return lines
 
 
 def _ago(seconds: float) -> str:

@@ -47,6 +47,12 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         help="hardware profile of the controller's targets: h200, h100, a100, a YAML, or cpu "
         "(measured; the default)",
     )
+    p.add_argument(
+        "--calibrate",
+        metavar="REPORT.json",
+        help="a `moe-serve bench --json` report of this deployment: the controller's targets use "
+        "the efficiency factors measured there (checked before deploying)",
+    )
     p.set_defaults(func=run)
 
 
@@ -65,6 +71,7 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         device=args.device,
         metrics_port=args.metrics_port,
         hardware=args.hardware,
+        calibration=args.calibrate,
     )
 
 
@@ -73,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     from serving.ingress import ModelInfo
 
     config = resolve_config(args)
+    if config.calibration:
+        from serving.calibrate import load_calibration
+
+        load_calibration(config.calibration)  # a bad report fails here, in one line
     # Fail here, in one line, rather than inside a replica: the checkpoint and the options.
     expert_options(config)
     ModelInfo.load(model_dir(config), config)

@@ -23,6 +23,9 @@ class Recorder:
         m.record_step(batch_tokens=64 + n % 7, queue_depth=n % 5, kv_cache_usage=0.5)
         m.record_request(ttft_s=0.05 * (1 + n % 4), e2e_s=1.0 + n % 3, tpot_s=0.02)
         m.record_overflow_totals(split=3 * n, rerouted=n, dropped=n)
+        fractions = {"dense": 0.4, "expert": 0.3, "transport": 0.15, "imbalance": 0.1}
+        factors = {"kernel": 0.5, "communication": 0.2, "load_imbalance": 0.1}
+        m.record_efficiency(fractions | {"bubble": 0.05}, 0.3, factors | {"pipeline_bubbles": 0.05})
         m.count_action("hold")
         m.count_action("rebalance" if n % 2 else "scale_out")
         m.refresh()

@@ -172,7 +172,7 @@ def test_cancel_frees_the_slot_for_the_next_request(model):
 
 def test_a_failing_step_fails_its_requests_and_the_loop_survives(model):
     class Flaky:
-        config = model.config
+        config, device, pool = model.config, model.device, model.pool
         calls = 0
 
         def new_cache(self, *a):

@@ -26,7 +26,9 @@ def test_prepare_compute_and_reuse(demo_path):
     ref = ExpertWeights.stack([ckpt.expert(0, e, torch.float32) for e in (3, 5)])
     x = torch.randn(9, 128)
     counts = np.array([4, 5])
-    y = from_numpy(shard.compute(0, 0, to_numpy(x), counts), torch.float32)
+    out, seconds = shard.compute(0, 0, to_numpy(x), counts)
+    y = from_numpy(out, torch.float32)
+    assert 0 < seconds < 10  # the shard's own compute time, for the step accounting
     assert torch.allclose(y, grouped_swiglu(x, torch.tensor(counts), ref), atol=1e-6)
     assert shard.token_counts(0) == [[4, 5], [0], [], []]
     # version 1 keeps expert 5 of layer 0 and adds 7: only expert 7 is read from disk
@@ -34,5 +36,5 @@ def test_prepare_compute_and_reuse(demo_path):
     assert shard.versions() == [0, 1]
     shard.free(0)
     assert shard.versions() == [1]
-    y1 = from_numpy(shard.compute(1, 0, to_numpy(x[4:]), np.array([5, 0])), torch.float32)
+    y1 = from_numpy(shard.compute(1, 0, to_numpy(x[4:]), np.array([5, 0]))[0], torch.float32)
     assert torch.allclose(y1, y[4:], atol=1e-6)  # expert 5's rows, now in local slot 0

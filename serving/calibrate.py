@@ -1,0 +1,142 @@
+"""Calibration: the planner's assumed factors replaced by factors measured on a running deployment.
+
+`moe-serve bench --json` against a moe-serve server records, beside its client-side figures, an
+`efficiency` section: the step accounting of exactly the benchmark's window (serving/steptime.py),
+the basis that turns it into planner terms, the measured factors and the fitted step model
+(serving/efficiency.py). Here such a report becomes plan options:
+
+  1. the step model predicts every part's seconds per step at the batch asked for (by default the
+     report's own), keeping the report's mix of prompt and decode tokens per decode row;
+  2. those seconds give the four factors (M1-M2) against the peak of the hardware being planned,
+     which must be the hardware the report was measured on;
+  3. plan() then derives realistic tokens/ms = ceiling x product, which equals the predicted
+     tokens/ms per device (the peak cancels).
+
+`moe-serve plan --calibrate REPORT.json` prints the calibrated plan with predicted vs measured
+tokens/ms; `--check OTHER.json` also predicts at another report's batch and compares it with what
+that report measured. The serve config's `calibration` makes the controller's phase targets come
+from the calibrated plan.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from serving.capacity import HardwareSpec, PlanOptions
+from serving.efficiency import EfficiencyBasis, Measured, StepModel, predict, relative_error
+from serving.errors import UserError
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Calibration(Frozen):
+    """The parts of a bench report's `efficiency` section that calibration reads."""
+
+    basis: EfficiencyBasis
+    measured: Measured  # the benchmark's window, as measured by the router
+    step_model: StepModel
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """A `moe-serve bench --json` report -> its Calibration; one-line UserError otherwise."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: not JSON ({exc})") from None
+    section = report.get("efficiency") if isinstance(report, dict) else None
+    if not isinstance(section, dict) or section.get("step_model") is None:
+        raise UserError(
+            f"{path}: no efficiency measurement: write it with `moe-serve bench --json` against a "
+            "moe-serve server, with enough load for at least 3 steps"
+        )
+    try:
+        return Calibration.model_validate(section)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{path}: efficiency.{where}: {err['msg']}") from None
+
+
+def batch_mix(cal: Calibration, decode_rows: float | None) -> tuple[float, float]:
+    """(decode rows, prefill tokens) per step at `decode_rows` (None: the report's own batch),
+    with the report's prompt tokens per decode row."""
+    model = cal.step_model
+    if decode_rows is None or model.decode_rows_per_step <= 0:
+        return model.decode_rows_per_step, model.prefill_tokens_per_step
+    share = model.prefill_tokens_per_step / model.decode_rows_per_step
+    return float(decode_rows), share * decode_rows
+
+
+def prediction(
+    cal: Calibration,
+    hardware: HardwareSpec,
+    decode_rows: float | None = None,
+    prefill_tokens: float | None = None,
+) -> Measured:
+    """Steps 1-2: the breakdown and factors expected at a batch, against `hardware`'s peak
+    (prefill tokens per step: as given, else in the report's proportion)."""
+    if hardware.name != cal.basis.hardware:
+        raise UserError(
+            f"--calibrate: the report was measured on {cal.basis.hardware!r}, the plan is for "
+            f"{hardware.name!r}; calibrate with a report from the same hardware"
+        )
+    peak, source = hardware.peak()
+    basis = cal.basis.model_copy(update={"peak_flops": peak, "peak_source": source})
+    rows, prefill = batch_mix(cal, decode_rows)
+    prefill = prefill if prefill_tokens is None else prefill_tokens
+    try:
+        return predict(cal.step_model, basis, rows, prefill)
+    except ValueError as exc:
+        raise UserError(f"--calibrate: {exc}") from None
+
+
+def calibrated_options(
+    options: PlanOptions, predicted: Measured, source: str | Path
+) -> PlanOptions:
+    """Step 3: plan options whose four factors are the predicted ones."""
+    f = predicted.factors
+    if f.kernel <= 0:
+        raise UserError(f"{source}: the report measured no compute time; cannot calibrate")
+    return options.model_copy(
+        update={
+            "kernel": min(1.0, f.kernel),
+            "communication": f.communication,
+            "load_imbalance": f.load_imbalance,
+            "pipeline_bubbles": f.pipeline_bubbles,
+            "measured_from": str(source),
+        }
+    )
+
+
+def summary(
+    cal: Calibration, predicted: Measured, hardware: HardwareSpec, check: Calibration | None
+) -> dict:
+    """What `plan --calibrate` reports beside the plan: measured vs predicted tokens/ms per
+    device, at the report's batch, at the planned batch, and at a check report's batch."""
+    at_report = prediction(cal, hardware)
+    out = {
+        "measured_tokens_per_ms_per_device": cal.measured.tokens_per_ms_per_device,
+        "measured_decode_rows_per_step": cal.measured.decode_rows_per_step,
+        "predicted_at_measured_batch": at_report.tokens_per_ms_per_device,
+        "planned_decode_rows_per_step": predicted.decode_rows_per_step,
+        "predicted_tokens_per_ms_per_device": predicted.tokens_per_ms_per_device,
+        "predicted_fractions": predicted.fractions,
+    }
+    if check is not None:
+        rows = check.measured.decode_rows_per_step
+        other = prediction(cal, hardware, rows, check.measured.prefill_tokens_per_step)
+        measured = check.measured.tokens_per_ms_per_device
+        out["check"] = {
+            "decode_rows_per_step": rows,
+            "predicted_tokens_per_ms_per_device": other.tokens_per_ms_per_device,
+            "measured_tokens_per_ms_per_device": measured,
+            "relative_error": relative_error(other.tokens_per_ms_per_device, measured),
+        }
+    return out

@@ -1,0 +1,185 @@
+"""Measured efficiency in the planner's own terms, and the step-time model calibration uses.
+
+The planner (serving/capacity.py) writes efficiency = kernel x (1 - communication) x
+(1 - load imbalance) x (1 - pipeline bubbles) and assumes the factors. Here they are measured from
+the step accounting (serving/steptime.py), over a window of W seconds of steps on n devices that
+processed N tokens (prompt and generated) of F = 2 x active params FLOPs each:
+
+  M1 bubbles        = bubble / W
+     load imbalance = imbalance / (W - bubble)
+     communication  = transport / (W - bubble - imbalance)
+     so that (1 - communication)(1 - imbalance)(1 - bubbles) = (dense + expert) / W, the share
+     of the step spent computing.
+  M2 kernel = N x F / ((dense + expert) x n x peak): the FLOP/s achieved while computing, per
+     device, over the peak the planner uses.
+  M3 efficiency = the product = N x F / (W x n x peak) = (N / W / n) / ceiling: measured tokens/ms
+     per device over the ceiling. The identity holds by construction over the accounted time; it
+     is checked against tokens counted by a client over wall time, which catches time the
+     accounting misses.
+  M4 step model: each part's seconds per step = c0 + c1 x decode rows + c2 x prefill tokens,
+     least squares over the window's steps. At another batch it predicts every part, hence the
+     factors and tokens/ms there (`predict`); a fixed per-step cost is what makes small batches
+     inefficient, which constant factors cannot express.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from serving.capacity import EfficiencyFactors, Plan, ceiling_tokens_per_ms
+from serving.steptime import PARTS, StepTotals
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EfficiencyBasis(Frozen):
+    """What turns seconds into planner terms: the hardware's peak, the model's FLOPs per token,
+    and the devices the work ran on (as the controller counts them)."""
+
+    hardware: str
+    peak_flops: float
+    peak_source: str  # "measured" or "spec", as the plan says
+    flops_per_token: float  # 2 x active params
+    devices: int
+
+    @property
+    def ceiling_tokens_per_ms(self) -> float:
+        return ceiling_tokens_per_ms(self.peak_flops, self.flops_per_token / 2.0)
+
+
+def basis_from_plan(plan: Plan, devices: int) -> EfficiencyBasis:
+    """The basis of a deployment planned by `plan`, running on `devices` devices now."""
+    return EfficiencyBasis(
+        hardware=plan.hardware,
+        peak_flops=plan.peak_flops_used,
+        peak_source=plan.peak_source,
+        flops_per_token=2.0 * plan.active_params,
+        devices=devices,
+    )
+
+
+class Measured(Frozen):
+    """The breakdown and factors of one window (or a prediction at some batch)."""
+
+    window_s: float  # accounted step time
+    steps: int
+    decode_rows_per_step: float
+    prefill_tokens_per_step: float
+    tokens_per_ms_per_device: float  # prompt + generated tokens, the planner's unit
+    ceiling_tokens_per_ms: float
+    fractions: dict[str, float]  # PARTS -> share of the window, summing to 1
+    factors: EfficiencyFactors
+    efficiency: float  # the factors' product
+    achieved_flops_per_device: float  # while computing (dense + expert)
+    shard_compute_fraction: list[float] = []  # each shard's compute / window (busy share)
+
+
+def factors_from(seconds: dict[str, float], tokens: float, basis: EfficiencyBasis) -> tuple:
+    """M1-M2: seconds per part over a window -> (EfficiencyFactors, achieved FLOP/s per device)."""
+    wall = sum(seconds.values())
+    bubble, imbalance = seconds["bubble"], seconds["imbalance"]
+    compute = seconds["dense"] + seconds["expert"]
+    achieved = tokens * basis.flops_per_token / (compute * basis.devices) if compute > 0 else 0.0
+    factors = EfficiencyFactors(
+        kernel=achieved / basis.peak_flops,
+        communication=_share(seconds["transport"], wall - bubble - imbalance),
+        load_imbalance=_share(imbalance, wall - bubble),
+        pipeline_bubbles=_share(bubble, wall),
+    )
+    return factors, achieved
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else 0.0
+
+
+def measure(totals: StepTotals, basis: EfficiencyBasis) -> Measured | None:
+    """M1-M3 over a window's totals; None without accounted time."""
+    fractions = totals.fractions()
+    if fractions is None or totals.steps == 0:
+        return None
+    seconds = {p: totals.part(p) for p in PARTS}
+    factors, achieved = factors_from(seconds, totals.tokens, basis)
+    return Measured(
+        window_s=totals.wall_s,
+        steps=totals.steps,
+        decode_rows_per_step=totals.decode_rows / totals.steps,
+        prefill_tokens_per_step=totals.prefill_tokens / totals.steps,
+        tokens_per_ms_per_device=totals.tokens / (totals.wall_s * 1000.0) / basis.devices,
+        ceiling_tokens_per_ms=basis.ceiling_tokens_per_ms,
+        fractions=fractions,
+        factors=factors,
+        efficiency=factors.product(),
+        achieved_flops_per_device=achieved,
+        shard_compute_fraction=[float(s) / totals.wall_s for s in totals.shard_s],
+    )
+
+
+class StepModel(Frozen):
+    """M4: seconds per step of each part = c0 + c1 x decode rows + c2 x prefill tokens."""
+
+    coefficients: dict[str, tuple[float, float, float]]  # part -> (c0, c1, c2)
+    decode_rows_per_step: float  # the fitted window's means, where the model is surest
+    prefill_tokens_per_step: float
+    steps: int
+
+    def seconds(self, decode_rows: float, prefill_tokens: float) -> dict[str, float]:
+        r = (1.0, decode_rows, prefill_tokens)
+        return {p: max(0.0, sum(c * x for c, x in zip(cs, r, strict=True)))
+                for p, cs in self.coefficients.items()}  # fmt: skip
+
+
+def fit(totals: StepTotals) -> StepModel | None:
+    """M4 by least squares from the window's moments. A regressor that never varied in the window
+    (e.g. no prefill at all) gets no coefficient of its own: its effect stays in c0. None with
+    fewer than 3 steps."""
+    n = totals.steps
+    if n < 3:
+        return None
+    mean = totals.moments[0] / n  # [R] means of (1, decode rows, prefill tokens)
+    var = np.diag(totals.moments) / n - mean**2
+    used = [0] + [i for i in (1, 2) if var[i] > 1e-9 * max(1.0, mean[i] ** 2)]
+    a = totals.moments[np.ix_(used, used)]
+    coef = np.zeros((3, len(PARTS)))
+    coef[used] = np.linalg.lstsq(a, totals.cross[used], rcond=None)[0]
+    return StepModel(
+        coefficients={p: tuple(float(c) for c in coef[:, j]) for j, p in enumerate(PARTS)},
+        decode_rows_per_step=float(mean[1]),
+        prefill_tokens_per_step=float(mean[2]),
+        steps=n,
+    )
+
+
+def predict(
+    model: StepModel, basis: EfficiencyBasis, decode_rows: float, prefill_tokens: float
+) -> Measured:
+    """The breakdown, factors and tokens/ms per device the step model expects at a batch of
+    `decode_rows` decode rows and `prefill_tokens` prompt tokens per step."""
+    seconds = model.seconds(decode_rows, prefill_tokens)
+    wall = sum(seconds.values())
+    tokens = decode_rows + prefill_tokens
+    if wall <= 0 or tokens <= 0:
+        raise ValueError("the step model predicts no time or no tokens at this batch")
+    factors, achieved = factors_from(seconds, tokens, basis)
+    return Measured(
+        window_s=wall,
+        steps=1,
+        decode_rows_per_step=decode_rows,
+        prefill_tokens_per_step=prefill_tokens,
+        tokens_per_ms_per_device=tokens / (wall * 1000.0) / basis.devices,
+        ceiling_tokens_per_ms=basis.ceiling_tokens_per_ms,
+        fractions={p: s / wall for p, s in seconds.items()},
+        factors=factors,
+        efficiency=factors.product(),
+        achieved_flops_per_device=achieved,
+    )
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    """|predicted - measured| / measured (inf when nothing was measured)."""
+    return abs(predicted - measured) / measured if measured > 0 else math.inf
