@@ -12,10 +12,14 @@ the basis that turns it into planner terms, the measured factors and the fitted 
   3. plan() then derives realistic tokens/ms = ceiling x product, which equals the predicted
      tokens/ms per device (the peak cancels).
 
-`moe-serve plan --calibrate REPORT.json` prints the calibrated plan with predicted vs measured
-tokens/ms; `--check OTHER.json` also predicts at another report's batch and compares it with what
-that report measured. The serve config's `calibration` makes the controller's phase targets come
-from the calibrated plan.
+Several reports (a sweep of loads) pool into one calibration: their step totals add, and the
+step model is fitted over all their steps, so it spans their batch sizes instead of extrapolating
+from one (measured: one load's narrow spread of batch sizes extrapolates poorly; BENCHMARKS.md).
+
+`moe-serve plan --calibrate REPORT.json [--calibrate MORE.json ...]` prints the calibrated plan
+with predicted vs measured tokens/ms; `--check OTHER.json` also predicts at another report's batch
+and compares it with what that report measured. The serve config's `calibration` makes the
+controller's phase targets come from the calibrated plan.
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from serving.capacity import HardwareSpec, PlanOptions
-from serving.efficiency import EfficiencyBasis, Measured, StepModel, predict, relative_error
+from serving.efficiency import (
+    EfficiencyBasis,
+    Measured,
+    StepModel,
+    fit,
+    measure,
+    predict,
+    relative_error,
+)
 from serving.errors import UserError
+from serving.steptime import StepTotals
 
 
 class Frozen(BaseModel):
@@ -40,10 +53,35 @@ class Calibration(Frozen):
     basis: EfficiencyBasis
     measured: Measured  # the benchmark's window, as measured by the router
     step_model: StepModel
+    totals: dict  # serving.steptime.StepTotals.to_json(): what pooling adds up
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """A `moe-serve bench --json` report -> its Calibration; one-line UserError otherwise."""
+def load_calibration(paths: str | Path | list) -> Calibration:
+    """One or more `moe-serve bench --json` reports of one deployment -> their pooled
+    Calibration (totals added, the step model refitted over every step); one-line UserError."""
+    if isinstance(paths, (str, Path)):
+        return _load_one(paths)
+    cals = [_load_one(p) for p in paths]
+    if len(cals) == 1:
+        return cals[0]
+    first = cals[0]
+    for path, cal in zip(paths[1:], cals[1:], strict=True):
+        if cal.basis.model_dump(exclude={"peak_flops", "peak_source"}) != first.basis.model_dump(
+            exclude={"peak_flops", "peak_source"}
+        ):
+            raise UserError(f"{path}: measured on another deployment than {paths[0]}")
+    totals = StepTotals.from_json(first.totals)
+    for cal in cals[1:]:
+        totals = totals + StepTotals.from_json(cal.totals)
+    return Calibration(
+        basis=first.basis,
+        measured=measure(totals, first.basis),
+        step_model=fit(totals),
+        totals=totals.to_json(),
+    )
+
+
+def _load_one(path: str | Path) -> Calibration:
     try:
         report = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -64,24 +102,24 @@ def load_calibration(path: str | Path) -> Calibration:
         raise UserError(f"{path}: efficiency.{where}: {err['msg']}") from None
 
 
-def batch_mix(cal: Calibration, decode_rows: float | None) -> tuple[float, float]:
-    """(decode rows, prefill tokens) per step at `decode_rows` (None: the report's own batch),
-    with the report's prompt tokens per decode row."""
-    model = cal.step_model
-    if decode_rows is None or model.decode_rows_per_step <= 0:
-        return model.decode_rows_per_step, model.prefill_tokens_per_step
-    share = model.prefill_tokens_per_step / model.decode_rows_per_step
-    return float(decode_rows), share * decode_rows
+def batch_mix(cal: Calibration, decode_rows: float | None) -> tuple[float, float, float]:
+    """(decode rows, prefill calls, prefill tokens) per step at `decode_rows` (None: the
+    report's own batch), with the report's prompt calls and tokens per decode row."""
+    m = cal.step_model
+    if decode_rows is None or m.decode_rows_per_step <= 0:
+        return m.decode_rows_per_step, m.prefill_calls_per_step, m.prefill_tokens_per_step
+    scale = decode_rows / m.decode_rows_per_step
+    return float(decode_rows), m.prefill_calls_per_step * scale, m.prefill_tokens_per_step * scale
 
 
 def prediction(
     cal: Calibration,
     hardware: HardwareSpec,
     decode_rows: float | None = None,
-    prefill_tokens: float | None = None,
+    prefill: tuple[float, float] | None = None,
 ) -> Measured:
     """Steps 1-2: the breakdown and factors expected at a batch, against `hardware`'s peak
-    (prefill tokens per step: as given, else in the report's proportion)."""
+    (prefill (calls, tokens) per step: as given, else in the report's proportion)."""
     if hardware.name != cal.basis.hardware:
         raise UserError(
             f"--calibrate: the report was measured on {cal.basis.hardware!r}, the plan is for "
@@ -89,10 +127,10 @@ def prediction(
         )
     peak, source = hardware.peak()
     basis = cal.basis.model_copy(update={"peak_flops": peak, "peak_source": source})
-    rows, prefill = batch_mix(cal, decode_rows)
-    prefill = prefill if prefill_tokens is None else prefill_tokens
+    rows, calls, tokens = batch_mix(cal, decode_rows)
+    calls, tokens = prefill if prefill is not None else (calls, tokens)
     try:
-        return predict(cal.step_model, basis, rows, prefill)
+        return predict(cal.step_model, basis, rows, tokens, calls)
     except ValueError as exc:
         raise UserError(f"--calibrate: {exc}") from None
 
@@ -123,6 +161,7 @@ def summary(
     at_report = prediction(cal, hardware)
     out = {
         "measured_tokens_per_ms_per_device": cal.measured.tokens_per_ms_per_device,
+        "calibration_steps": cal.step_model.steps,
         "measured_decode_rows_per_step": cal.measured.decode_rows_per_step,
         "predicted_at_measured_batch": at_report.tokens_per_ms_per_device,
         "planned_decode_rows_per_step": predicted.decode_rows_per_step,
@@ -131,7 +170,10 @@ def summary(
     }
     if check is not None:
         rows = check.measured.decode_rows_per_step
-        other = prediction(cal, hardware, rows, check.measured.prefill_tokens_per_step)
+        m = check.measured
+        other = prediction(
+            cal, hardware, rows, (m.prefill_calls_per_step, m.prefill_tokens_per_step)
+        )
         measured = check.measured.tokens_per_ms_per_device
         out["check"] = {
             "decode_rows_per_step": rows,

@@ -106,9 +106,9 @@ class ServeConfig(BaseModel):
     # The planner's hardware profile for the controller's targets: a name under configs/hardware
     # (h200, h100, ...), a YAML path, or "cpu" (this machine, measured at router start).
     hardware: str = "cpu"
-    # A `moe-serve bench --json` report of this deployment: the plan (phase targets, measured
-    # factors) uses the efficiency factors measured in it instead of assumed ones.
-    calibration: str | None = None
+    # `moe-serve bench --json` reports of this deployment (one, or a list pooled): the plan (phase
+    # targets, measured factors) uses the efficiency factors measured there, not assumed ones.
+    calibration: str | list[str] | None = None
     monitoring: MonitoringConfig = MonitoringConfig()
     # Controller thresholds, batch strategy and fallback; targets (phases, ceiling, memory limit)
     # come from the planner unless `controller.phases` is given.

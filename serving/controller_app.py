@@ -41,7 +41,9 @@ def deployment_plan(config: ServeConfig, model_path: str) -> Plan | None:
         options = capacity.PlanOptions()
         if config.calibration:
             cal = load_calibration(config.calibration)
-            options = calibrated_options(options, prediction(cal, hardware), config.calibration)
+            source = ",".join([config.calibration] if isinstance(config.calibration, str)
+                              else config.calibration)  # fmt: skip
+            options = calibrated_options(options, prediction(cal, hardware), source)
         return capacity.plan(spec, hardware, options)
     except Exception as exc:  # a bad profile or report must not stop serving; it is logged
         log.error("no plan for %s on %s (%s)", model_path, config.hardware, exc)

@@ -16,9 +16,11 @@ processed N tokens (prompt and generated) of F = 2 x active params FLOPs each:
      per device over the ceiling. The identity holds by construction over the accounted time; it
      is checked against tokens counted by a client over wall time, which catches time the
      accounting misses.
-  M4 step model: each part's seconds per step = c0 + c1 x decode rows + c2 x prefill tokens,
-     least squares over the window's steps. At another batch it predicts every part, hence the
-     factors and tokens/ms there (`predict`); a fixed per-step cost is what makes small batches
+  M4 step model: each part's seconds per step = c0 + c1 x decode rows + c2 x prefill calls
+     + c3 x prefill tokens, least squares over the window's steps, slopes kept non-negative (a
+     negative cost per row is collinearity, not physics: such a term is dropped and the rest
+     refitted). At another batch it predicts every part, hence the factors and tokens/ms there
+     (`predict`); a fixed cost per step and per forward call is what makes small batches
      inefficient, which constant factors cannot express.
 """
 
@@ -30,7 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from serving.capacity import EfficiencyFactors, Plan, ceiling_tokens_per_ms
-from serving.steptime import PARTS, StepTotals
+from serving.steptime import PARTS, REGRESSORS, StepTotals
 
 
 class Frozen(BaseModel):
@@ -70,6 +72,7 @@ class Measured(Frozen):
     steps: int
     decode_rows_per_step: float
     prefill_tokens_per_step: float
+    prefill_calls_per_step: float = 0.0
     tokens_per_ms_per_device: float  # prompt + generated tokens, the planner's unit
     ceiling_tokens_per_ms: float
     fractions: dict[str, float]  # PARTS -> share of the window, summing to 1
@@ -110,6 +113,7 @@ def measure(totals: StepTotals, basis: EfficiencyBasis) -> Measured | None:
         steps=totals.steps,
         decode_rows_per_step=totals.decode_rows / totals.steps,
         prefill_tokens_per_step=totals.prefill_tokens / totals.steps,
+        prefill_calls_per_step=totals.prefill_calls / totals.steps,
         tokens_per_ms_per_device=totals.tokens / (totals.wall_s * 1000.0) / basis.devices,
         ceiling_tokens_per_ms=basis.ceiling_tokens_per_ms,
         fractions=fractions,
@@ -121,15 +125,16 @@ def measure(totals: StepTotals, basis: EfficiencyBasis) -> Measured | None:
 
 
 class StepModel(Frozen):
-    """M4: seconds per step of each part = c0 + c1 x decode rows + c2 x prefill tokens."""
+    """M4: seconds per step of each part = c . (1, decode rows, prefill calls, prefill tokens)."""
 
-    coefficients: dict[str, tuple[float, float, float]]  # part -> (c0, c1, c2)
+    coefficients: dict[str, tuple[float, float, float, float]]  # part -> c (REGRESSORS order)
     decode_rows_per_step: float  # the fitted window's means, where the model is surest
+    prefill_calls_per_step: float
     prefill_tokens_per_step: float
     steps: int
 
-    def seconds(self, decode_rows: float, prefill_tokens: float) -> dict[str, float]:
-        r = (1.0, decode_rows, prefill_tokens)
+    def seconds(self, decode_rows: float, prefill_calls: float, prefill_tokens: float) -> dict:
+        r = (1.0, decode_rows, prefill_calls, prefill_tokens)
         return {p: max(0.0, sum(c * x for c, x in zip(cs, r, strict=True)))
                 for p, cs in self.coefficients.items()}  # fmt: skip
 
@@ -137,30 +142,44 @@ class StepModel(Frozen):
 def fit(totals: StepTotals) -> StepModel | None:
     """M4 by least squares from the window's moments. A regressor that never varied in the window
     (e.g. no prefill at all) gets no coefficient of its own: its effect stays in c0. None with
-    fewer than 3 steps."""
+    fewer than 4 steps."""
     n = totals.steps
-    if n < 3:
+    if n < len(REGRESSORS):
         return None
-    mean = totals.moments[0] / n  # [R] means of (1, decode rows, prefill tokens)
+    mean = totals.moments[0] / n  # [R] means of the regressors
     var = np.diag(totals.moments) / n - mean**2
-    used = [0] + [i for i in (1, 2) if var[i] > 1e-9 * max(1.0, mean[i] ** 2)]
-    a = totals.moments[np.ix_(used, used)]
-    coef = np.zeros((3, len(PARTS)))
-    coef[used] = np.linalg.lstsq(a, totals.cross[used], rcond=None)[0]
+    varied = [i for i in range(1, len(REGRESSORS)) if var[i] > 1e-9 * max(1.0, mean[i] ** 2)]
+    coef = np.zeros((len(REGRESSORS), len(PARTS)))  # [R, P]
+    for j in range(len(PARTS)):
+        used = [0, *varied]
+        while True:  # 1. solve; 2. drop the most negative slope; until none is negative
+            c = np.linalg.lstsq(totals.moments[np.ix_(used, used)], totals.cross[used, j],
+                                rcond=None)[0]  # fmt: skip
+            worst = min(range(1, len(used)), key=lambda k: c[k], default=None)
+            if worst is None or c[worst] >= 0:
+                break
+            used.pop(worst)
+        coef[used, j] = c
     return StepModel(
         coefficients={p: tuple(float(c) for c in coef[:, j]) for j, p in enumerate(PARTS)},
         decode_rows_per_step=float(mean[1]),
-        prefill_tokens_per_step=float(mean[2]),
+        prefill_calls_per_step=float(mean[2]),
+        prefill_tokens_per_step=float(mean[3]),
         steps=n,
     )
 
 
 def predict(
-    model: StepModel, basis: EfficiencyBasis, decode_rows: float, prefill_tokens: float
+    model: StepModel,
+    basis: EfficiencyBasis,
+    decode_rows: float,
+    prefill_tokens: float,
+    prefill_calls: float = 0.0,
 ) -> Measured:
     """The breakdown, factors and tokens/ms per device the step model expects at a batch of
-    `decode_rows` decode rows and `prefill_tokens` prompt tokens per step."""
-    seconds = model.seconds(decode_rows, prefill_tokens)
+    `decode_rows` decode rows, `prefill_calls` prompt chunks of `prefill_tokens` tokens in all
+    per step."""
+    seconds = model.seconds(decode_rows, prefill_calls, prefill_tokens)
     wall = sum(seconds.values())
     tokens = decode_rows + prefill_tokens
     if wall <= 0 or tokens <= 0:
@@ -171,6 +190,7 @@ def predict(
         steps=1,
         decode_rows_per_step=decode_rows,
         prefill_tokens_per_step=prefill_tokens,
+        prefill_calls_per_step=prefill_calls,
         tokens_per_ms_per_device=tokens / (wall * 1000.0) / basis.devices,
         ceiling_tokens_per_ms=basis.ceiling_tokens_per_ms,
         fractions={p: s / wall for p, s in seconds.items()},

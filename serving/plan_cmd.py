@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate:
         cal = load_calibration(args.calibrate)
         predicted = prediction(cal, hardware, args.batch)
-        options = calibrated_options(options, predicted, args.calibrate)
+        options = calibrated_options(options, predicted, ",".join(args.calibrate))
         check = load_calibration(args.check) if args.check else None
         calibration = summary(cal, predicted, hardware, check)
     result = capacity.plan(model, hardware, options)
@@ -286,8 +286,9 @@ def run(args: argparse.Namespace) -> int:
 def _calibration_lines(args: argparse.Namespace, c: dict) -> list[str]:
     """Predicted vs measured tokens/ms per device, for the report's `calibration` section."""
     lines = [
-        f"measured in {args.calibrate}: {c['measured_tokens_per_ms_per_device']:.4g} tokens/ms "
-        f"per device at {c['measured_decode_rows_per_step']:.1f} decode rows per step",
+        f"measured in {', '.join(args.calibrate)}: {c['measured_tokens_per_ms_per_device']:.4g} "
+        f"tokens/ms per device at {c['measured_decode_rows_per_step']:.1f} decode rows per step "
+        f"({c['calibration_steps']} steps)",
         f"step model there: {c['predicted_at_measured_batch']:.4g} tokens/ms per device",
         f"planned batch {c['planned_decode_rows_per_step']:.1f} decode rows per step: predicted "
         f"{c['predicted_tokens_per_ms_per_device']:.4g} tokens/ms per device (the realistic figure)",
@@ -338,7 +339,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibrate",
         metavar="REPORT.json",
-        help="replace the four factors by those measured in a `moe-serve bench --json` report",
+        action="append",
+        help="replace the four factors by those measured in a `moe-serve bench --json` report "
+        "(repeat to pool several loads of one deployment: the step model then spans them)",
     )
     p.add_argument(
         "--check",

@@ -272,7 +272,10 @@ class Scheduler:
             expert = self.model.pool.step_time()  # taken even when not accounting: starts afresh
             if self.accounting is not None:
                 prefill = sum(n for _, n in plan.prefills)
-                self.accounting.record(end - begin, forward_s, expert, len(plan.decodes), prefill)
+                calls = len(plan.prefills)
+                self.accounting.record(
+                    end - begin, forward_s, expert, len(plan.decodes), prefill, calls
+                )
         except Exception:
             log.exception("step accounting failed")
 

@@ -1,7 +1,6 @@
 """Step accounting: where the wall-clock time of every model step goes.
 
-Shape legend: P parts (PARTS), R regressors of the step model (1, decode rows, prefill tokens),
-S expert shards.
+Shape legend: P parts (PARTS), R regressors of the step model (REGRESSORS), S expert shards.
 
 A step is the scheduler's unit of work: one batch of decode rows and prefill chunks, run as one or
 more forward calls. Its interval runs from the end of the previous step (or, after the scheduler
@@ -22,8 +21,10 @@ imbalance are zero. Time the scheduler sits idle with no work is in no step and 
 Totals are additive (cumulative sums), so the figures of any window are the difference of two
 readings: the router keeps them from its start, a benchmark diffs the readings taken before and
 after it ran. Besides the seconds per part they hold the least-squares moments of each part's
-seconds per step against (1, decode rows, prefill tokens), from which serving/efficiency.py fits
-the step-time model that calibration extrapolates to other batch sizes.
+seconds per step against REGRESSORS (a constant, decode rows, prefill forward calls, prefill
+tokens), from which serving/efficiency.py fits the step-time model that calibration extrapolates
+to other batch sizes. Prefill calls are a regressor of their own because each prompt chunk is a
+forward call of its own, with a fixed cost per MoE layer that no per-token term captures.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import numpy as np
 from experts.timing import ExpertTime
 
 PARTS = ("dense", "expert", "transport", "imbalance", "bubble")
-REGRESSORS = ("step", "decode_rows", "prefill_tokens")
+REGRESSORS = ("step", "decode_rows", "prefill_calls", "prefill_tokens")
+R = len(REGRESSORS)
 
 
 @dataclass
@@ -48,10 +50,11 @@ class StepTotals:
     steps: int = 0
     wall_s: float = 0.0  # the steps' intervals: the sum of every part
     decode_rows: int = 0
+    prefill_calls: int = 0
     prefill_tokens: int = 0
     seconds: np.ndarray = field(default_factory=lambda: np.zeros(len(PARTS)))  # [P]
-    moments: np.ndarray = field(default_factory=lambda: np.zeros((3, 3)))  # [R, R] sum r r^T
-    cross: np.ndarray = field(default_factory=lambda: np.zeros((3, len(PARTS))))  # [R, P] sum r y
+    moments: np.ndarray = field(default_factory=lambda: np.zeros((R, R)))  # [R, R] sum r r^T
+    cross: np.ndarray = field(default_factory=lambda: np.zeros((R, len(PARTS))))  # [R, P] sum r y
     shard_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [S]
 
     @property
@@ -67,11 +70,14 @@ class StepTotals:
             return None
         return {p: float(s) / self.wall_s for p, s in zip(PARTS, self.seconds, strict=True)}
 
-    def add_step(self, parts: np.ndarray, decode_rows: int, prefill: int, shard_s) -> None:
-        r = np.array([1.0, decode_rows, prefill])  # [R]
+    def add_step(
+        self, parts: np.ndarray, decode_rows: int, prefill_calls: int, prefill: int, shard_s
+    ) -> None:
+        r = np.array([1.0, decode_rows, prefill_calls, prefill])  # [R]
         self.steps += 1
         self.wall_s += float(parts.sum())
         self.decode_rows += decode_rows
+        self.prefill_calls += prefill_calls
         self.prefill_tokens += prefill
         self.seconds += parts
         self.moments += np.outer(r, r)
@@ -85,17 +91,25 @@ class StepTotals:
         return StepTotals.from_json(self.to_json())
 
     def __sub__(self, earlier: StepTotals) -> StepTotals:
-        n = max(self.shard_s.size, earlier.shard_s.size)
+        return self._combine(earlier, -1)
+
+    def __add__(self, other: StepTotals) -> StepTotals:
+        """Two windows pooled (e.g. two benchmark runs of one deployment)."""
+        return self._combine(other, 1)
+
+    def _combine(self, other: StepTotals, sign: int) -> StepTotals:
+        n = max(self.shard_s.size, other.shard_s.size)
         pad = lambda a: np.pad(a, (0, n - a.size))  # noqa: E731 (shards added since: 0 before)
         return StepTotals(
-            steps=self.steps - earlier.steps,
-            wall_s=self.wall_s - earlier.wall_s,
-            decode_rows=self.decode_rows - earlier.decode_rows,
-            prefill_tokens=self.prefill_tokens - earlier.prefill_tokens,
-            seconds=self.seconds - earlier.seconds,
-            moments=self.moments - earlier.moments,
-            cross=self.cross - earlier.cross,
-            shard_s=pad(self.shard_s) - pad(earlier.shard_s),
+            steps=self.steps + sign * other.steps,
+            wall_s=self.wall_s + sign * other.wall_s,
+            decode_rows=self.decode_rows + sign * other.decode_rows,
+            prefill_calls=self.prefill_calls + sign * other.prefill_calls,
+            prefill_tokens=self.prefill_tokens + sign * other.prefill_tokens,
+            seconds=self.seconds + sign * other.seconds,
+            moments=self.moments + sign * other.moments,
+            cross=self.cross + sign * other.cross,
+            shard_s=pad(self.shard_s) + sign * pad(other.shard_s),
         )
 
     def to_json(self) -> dict:
@@ -103,6 +117,7 @@ class StepTotals:
             "steps": self.steps,
             "wall_s": self.wall_s,
             "decode_rows": self.decode_rows,
+            "prefill_calls": self.prefill_calls,
             "prefill_tokens": self.prefill_tokens,
             "seconds": dict(zip(PARTS, self.seconds.tolist(), strict=True)),
             "moments": self.moments.tolist(),
@@ -114,12 +129,13 @@ class StepTotals:
     def from_json(cls, data: dict) -> StepTotals:
         """Inverse of to_json; raises KeyError or ValueError on a malformed mapping."""
         seconds = np.array([float(data["seconds"][p]) for p in PARTS])
-        moments = np.asarray(data["moments"], dtype=float).reshape(3, 3)
-        cross = np.asarray(data["cross"], dtype=float).reshape(3, len(PARTS))
+        moments = np.asarray(data["moments"], dtype=float).reshape(R, R)
+        cross = np.asarray(data["cross"], dtype=float).reshape(R, len(PARTS))
         return cls(
             steps=int(data["steps"]),
             wall_s=float(data["wall_s"]),
             decode_rows=int(data["decode_rows"]),
+            prefill_calls=int(data["prefill_calls"]),
             prefill_tokens=int(data["prefill_tokens"]),
             seconds=seconds,
             moments=moments,
@@ -166,9 +182,10 @@ class StepAccounting:
         expert: ExpertTime,
         decode_rows: int,
         prefill_tokens: int,
+        prefill_calls: int = 0,
     ) -> None:
         parts = split_step(interval_s, forward_s, expert)
-        self.totals.add_step(parts, decode_rows, prefill_tokens, expert.shard_s)
+        self.totals.add_step(parts, decode_rows, prefill_calls, prefill_tokens, expert.shard_s)
         now = self._clock()
         if not self._readings or now - self._readings[-1][0] >= 1.0:
             self._readings.append((now, self.totals.copy()))

@@ -50,8 +50,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibrate",
         metavar="REPORT.json",
-        help="a `moe-serve bench --json` report of this deployment: the controller's targets use "
-        "the efficiency factors measured there (checked before deploying)",
+        action="append",
+        help="a `moe-serve bench --json` report of this deployment (repeat to pool several): the "
+        "controller's targets use the efficiency factors measured there (checked before deploying)",
     )
     p.set_defaults(func=run)
 

@@ -57,12 +57,13 @@ def test_window_is_the_difference_of_two_readings():
 
 def test_totals_round_trip_through_json_and_subtract():
     acc = StepAccounting()
-    acc.record(0.02, 0.015, expert(0.01, [[0.004, 0.002]]), 8, 16)
+    acc.record(0.02, 0.015, expert(0.01, [[0.004, 0.002]]), 8, 16, prefill_calls=1)
     first = acc.totals.copy()
     acc.record(0.03, 0.02, expert(0.01, [[0.004, 0.002]]), 4, 0)
     again = StepTotals.from_json(acc.totals.to_json())
     diff = again - first
-    assert (diff.steps, diff.decode_rows, diff.prefill_tokens) == (1, 4, 0)
+    assert (diff.steps, diff.decode_rows, diff.prefill_tokens, diff.prefill_calls) == (1, 4, 0, 0)
+    assert again.prefill_calls == 1
     assert diff.wall_s == pytest.approx(0.03)
     assert sum(diff.fractions().values()) == pytest.approx(1.0)
 
@@ -85,18 +86,23 @@ def test_measured_factors_multiply_to_tokens_per_ms_over_the_ceiling():
 
 
 def test_step_model_recovers_a_linear_cost_and_predicts_another_batch():
-    # Each part costs a fixed time per step plus a time per decode row and per prefill token.
+    # Each part costs a fixed time per step, per decode row, per prompt chunk (a forward call of
+    # its own) and per prompt token.
     fixed = np.array([0.004, 0.001, 0.002, 0.0005, 0.001])
     per_row = np.array([0.0002, 0.0004, 0.00005, 0.0001, 0.0])
+    per_call = np.array([0.003, 0.0005, 0.002, 0.0003, 0.0])
     per_prefill = np.array([0.00002, 0.00004, 0.000005, 0.0, 0.0])
     totals = StepTotals()
     rng = np.random.default_rng(1)
-    for _ in range(200):
-        rows, prefill = int(rng.integers(1, 9)), int(rng.choice([0, 0, 0, 64]))
-        totals.add_step(fixed + per_row * rows + per_prefill * prefill, rows, prefill, [])
+    for _ in range(300):
+        calls = int(rng.choice([0, 0, 1, 2]))
+        rows, prefill = int(rng.integers(1, 9)), 16 * calls + int(rng.integers(0, 8)) * calls
+        seconds = fixed + per_row * rows + per_call * calls + per_prefill * prefill
+        totals.add_step(seconds, rows, calls, prefill, [])
     model = fit(totals)
     for j, p in enumerate(PARTS):
-        assert model.coefficients[p] == pytest.approx((fixed[j], per_row[j], per_prefill[j]))
+        want = (fixed[j], per_row[j], per_call[j], per_prefill[j])
+        assert model.coefficients[p] == pytest.approx(want, abs=1e-9)
     at16 = predict(model, BASIS, 16, 0)
     wall = float((fixed + per_row * 16).sum())
     assert at16.tokens_per_ms_per_device == pytest.approx(16 / (wall * 1000) / 2)
@@ -107,11 +113,26 @@ def test_step_model_recovers_a_linear_cost_and_predicts_another_batch():
     assert at16.efficiency > predict(model, BASIS, 2, 0).efficiency
 
 
+def test_a_negative_slope_is_collinearity_and_is_dropped():
+    # Fewer decode rows exactly when a prompt chunk runs: an unconstrained fit would price a
+    # decode row below zero. The fit keeps every slope >= 0 and still matches the mean step.
+    totals = StepTotals()
+    for i in range(100):
+        calls = i % 2
+        rows = 4 - calls
+        totals.add_step(np.full(len(PARTS), 0.01 + 0.01 * calls), rows, calls, 16 * calls, [])
+    model = fit(totals)
+    assert all(c >= 0 for cs in model.coefficients.values() for c in cs[1:])
+    mean_wall = totals.wall_s / totals.steps
+    predicted = sum(model.seconds(3.5, 0.5, 8.0).values())
+    assert predicted == pytest.approx(mean_wall, rel=0.05)
+
+
 def test_a_regressor_that_never_varied_stays_in_the_intercept():
     totals = StepTotals()
     for rows in (2, 4, 6, 8):
-        totals.add_step(np.full(len(PARTS), 0.001 * rows), rows, 0, [])  # never any prefill
+        totals.add_step(np.full(len(PARTS), 0.001 * rows), rows, 0, 0, [])  # never any prefill
     model = fit(totals)
-    assert all(c[2] == 0.0 for c in model.coefficients.values())
+    assert all(c[2] == 0.0 and c[3] == 0.0 for c in model.coefficients.values())
     assert not any(math.isnan(c) for cs in model.coefficients.values() for c in cs)
     assert fit(StepTotals()) is None
