@@ -1,15 +1,19 @@
 """Soak test: N minutes of mixed load on a `moe-serve up` it starts, killing a shard every minute.
 
-    .venv/bin/python scripts/soak.py --minutes 3 [--port 8137] [--clients 4] > soak.json
+    .venv/bin/python scripts/soak.py --minutes 10 [--port 8137] [--clients 4] [--no-kills] > s.json
 
 Starts `moe-serve up` (demo model, expert_shards=2, redundant_experts=8: every expert on both
 shards), sends completions and chat, streamed and not, from `--clients` threads, SIGKILLs one
 ExpertShard process at the end of each minute (alternating shards), and prints one JSON report:
-success rate, p50/p99 latency per minute, and the RSS of every moe-serve process (Serve
-replicas, shard actors) at the start and the end with its drift. Processes are found through
-/proc by the titles Ray gives them ("ray::ExpertShard", "ray::ServeReplica:..."). Not CI: the
-issue's goal (10 minutes: >= 99.9% success, memory drift <= 10%) is recorded in RELIABILITY.md.
-"""
+success rate, p50/p99 latency per minute, and the RSS of every moe-serve process before the load,
+at the end of every minute (just before that minute's kill) and after the load, with its drift
+from the first reading and from minute 2 on (start-up growth, such as pages first touched by the
+first batches, shows in minute 1; a leak keeps growing after it). Processes are found through
+/proc by the titles Ray gives them: the Serve replicas (Router, Ingress), the ExpertShards (named
+with their pid: each is replaced after a kill), our ControllerActor, and Serve's own controller
+and HTTP proxy. `--no-kills` runs the same load without kills: the control that tells growth
+caused by shard replacement from growth under load. Progress goes to stderr. Not CI: the issue's
+goal (10 minutes: >= 99.9% success, memory drift <= 10%) is recorded in RELIABILITY.md."""
 
 from __future__ import annotations
 
@@ -30,9 +34,10 @@ KEY = "soak-key"
 PROMPTS = ["Once upon a time", "The quick brown fox", "In a distant galaxy"]
 
 
-def request(base: str, kind: int, timeout: float = 60.0) -> bool:
-    """One request of the mix (kind % 4: completion, chat, streamed completion, streamed chat);
-    True when it succeeded (200 and, streamed, a finish_reason then [DONE] with no error)."""
+def request(base: str, kind: int, timeout: float = 60.0) -> str:
+    """One request of the mix (kind % 4: completion, chat, streamed completion, streamed chat):
+    "ok" when it succeeded (200 and, streamed, a finish_reason then [DONE] with no error), else
+    what went wrong ("500 generation failed: ...", "stream error: ...", "URLError ...")."""
     chat, stream = kind % 2 == 1, kind % 4 >= 2
     body: dict = {"model": "moe-serve-demo", "max_tokens": 16, "stream": stream}
     if chat:
@@ -48,16 +53,43 @@ def request(base: str, kind: int, timeout: float = 60.0) -> bool:
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read().decode()
-    except (HTTPError, OSError):
-        return False
+    except HTTPError as exc:
+        return f"{exc.code} {error_message(exc.read().decode(errors='replace'))}"
+    except OSError as exc:
+        return f"{type(exc).__name__} {exc}"[:120]
     if not stream:
-        return bool(json.loads(raw)["choices"][0]["finish_reason"])
+        return "ok" if json.loads(raw)["choices"][0]["finish_reason"] else "no finish_reason"
     data = [ln[6:] for ln in raw.splitlines() if ln.startswith("data: ")]
-    return bool(data) and data[-1] == "[DONE]" and '"error"' not in raw and "finish_reason" in raw
+    if not data or data[-1] != "[DONE]":
+        return "stream without [DONE]"
+    if '"error"' in raw:
+        errors = [ln for ln in data[:-1] if '"error"' in ln]
+        return f"stream error: {error_message(errors[-1])}"
+    return "ok" if "finish_reason" in raw else "stream without finish_reason"
+
+
+def error_message(raw: str) -> str:
+    """The message of an OpenAI error object (or the raw text), short: failures are grouped by
+    it in the report."""
+    try:
+        return str(json.loads(raw)["error"]["message"])[:120]
+    except (ValueError, KeyError, TypeError):
+        return raw[:120]
+
+
+# Ray title prefix -> the name the report gives the process.
+TITLES = {
+    "ray::ServeReplica:moe-serve:Router": "Router",
+    "ray::ServeReplica:moe-serve:Ingress": "Ingress",
+    "ray::ExpertShard": "ExpertShard",
+    "ray::ControllerActor": "ControllerActor",
+    "ray::ServeController": "ServeController",
+    "ray::ProxyActor": "ProxyActor",
+}
 
 
 def processes() -> dict[int, str]:
-    """pid -> Ray title of every moe-serve process of this machine (shards and Serve replicas)."""
+    """pid -> report name of every moe-serve process of this machine (see TITLES)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -66,9 +98,11 @@ def processes() -> dict[int, str]:
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::ExpertShard") or title.startswith("ray::ServeReplica:moe-serve"):
-            # Ray appends the running method ("ray::ExpertShard.compute"): keep the actor's name.
-            found[int(entry.name)] = title.split()[0].split(".")[0]
+        # Ray appends the running method ("ray::ExpertShard.compute"): keep the actor's name.
+        actor = title.split()[0].split(".")[0] if title else ""
+        for prefix, name in TITLES.items():
+            if actor.startswith(prefix):
+                found[int(entry.name)] = name
     return found
 
 
@@ -83,23 +117,36 @@ def rss_mib(pid: int) -> float | None:
 
 
 def memory() -> dict[str, float]:
-    """Title -> RSS (MiB), titles numbered when several processes share one."""
+    """Name -> RSS (MiB). Shards are named with their pid ("ExpertShard 1234"): a replaced shard
+    is a new process whose RSS cannot continue its predecessor's; other names are numbered when
+    several processes share one."""
     out: dict[str, float] = {}
     for pid, title in sorted(processes().items()):
         rss = rss_mib(pid)
-        if rss is not None:
-            name, n = title, 1
-            while name in out:
-                n += 1
-                name = f"{title}#{n}"
-            out[name] = round(rss, 1)
+        if rss is None:
+            continue
+        name, n = (f"{title} {pid}" if title == "ExpertShard" else title), 1
+        while name in out:
+            n += 1
+            name = f"{title}#{n}"
+        out[name] = round(rss, 1)
     return out
+
+
+def drift(readings: list[dict], since: int) -> dict[str, float]:
+    """Percent RSS change of every process alive from readings[since] to the last reading."""
+    first, last = readings[since]["rss_mib"], readings[-1]["rss_mib"]
+    return {
+        name: round(100 * (last[name] - mib) / mib, 1)
+        for name, mib in first.items()
+        if name in last and mib > 0
+    }
 
 
 def wait_ready(base: str, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if request(base, 0, timeout=30):
+        if request(base, 0, timeout=30) == "ok":
             return
         time.sleep(1.0)
     raise SystemExit("soak: the server never answered")
@@ -110,6 +157,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=int, default=10)
     ap.add_argument("--port", type=int, default=8137)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--no-kills", action="store_true", help="the same load, no shard killed")
     args = ap.parse_args()
     base = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "serving.cli", "up", "--port", str(args.port),
@@ -117,7 +165,7 @@ def main() -> None:
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(base)
-        report = soak(base, args.minutes, args.clients)
+        report = soak(base, args.minutes, args.clients, not args.no_kills)
     finally:
         server.send_signal(signal.SIGTERM)  # `moe-serve up` drains and stops Ray
         try:
@@ -128,51 +176,57 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def soak(base: str, minutes: int, clients: int) -> dict:
+def soak(base: str, minutes: int, clients: int, kill: bool = True) -> dict:
     results: list[tuple[float, float, bool]] = []  # (start offset s, latency s, ok)
+    failures: dict[str, int] = {}  # what went wrong -> how often
     lock, stop, t0 = threading.Lock(), threading.Event(), time.monotonic()
 
     def client(index: int) -> None:
         kind = index
         while not stop.is_set():
             start = time.monotonic()
-            ok = request(base, kind)
+            outcome = request(base, kind)
             with lock:
-                results.append((start - t0, time.monotonic() - start, ok))
+                results.append((start - t0, time.monotonic() - start, outcome == "ok"))
+                if outcome != "ok":
+                    failures[outcome] = failures.get(outcome, 0) + 1
             kind += 1
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    mem_start = memory()
+    readings = [{"minute": 0, "rss_mib": memory()}]  # before any load
     for t in threads:
         t.start()
     kills = []
     for minute in range(minutes):
         time.sleep(max(0.0, t0 + 60 * (minute + 1) - time.monotonic()))
-        shards = sorted(p for p, title in processes().items() if title == "ray::ExpertShard")
-        if minute < minutes - 1 and shards:  # no kill at the very end: nothing would observe it
+        readings.append({"minute": minute + 1, "rss_mib": memory()})  # before this minute's kill
+        with lock:
+            done = list(results)
+        print(f"soak: minute {minute + 1}: {per_minute(done, minute + 1)[-1]} "
+              f"rss {readings[-1]['rss_mib']}", file=sys.stderr, flush=True)  # fmt: skip
+        shards = sorted(p for p, title in processes().items() if title == "ExpertShard")
+        if kill and minute < minutes - 1 and shards:  # none at the very end: nothing would see it
             victim = shards[minute % len(shards)]
             os.kill(victim, signal.SIGKILL)
             kills.append({"minute": minute + 1, "pid": victim})
     stop.set()
     for t in threads:
         t.join(90)
-    time.sleep(5)  # let the last replacement settle before the final reading
-    mem_end = memory()
+    time.sleep(5)  # let the last requests settle before the final reading
+    readings.append({"minute": "end", "rss_mib": memory()})
     return {
         "minutes": minutes,
         "clients": clients,
+        "kill_every_minute": kill,
         "requests": len(results),
         "success_rate": round(sum(ok for *_, ok in results) / max(1, len(results)), 5),
         "failures": sum(not ok for *_, ok in results),
+        "failure_reasons": failures,
         "per_minute": per_minute(results, minutes),
         "shard_kills": kills,
-        "rss_mib_start": mem_start,
-        "rss_mib_end": mem_end,
-        "rss_drift_pct": {
-            name: round(100 * (mem_end[name] - mib) / mib, 1)
-            for name, mib in mem_start.items()
-            if name in mem_end
-        },
+        "rss_per_minute": readings,
+        "rss_drift_pct_from_start": drift(readings, 0),
+        "rss_drift_pct_from_minute_2": drift(readings, min(2, len(readings) - 1)),
     }
 
 

@@ -58,23 +58,27 @@ def stream_outcome(url: str, timeout: float = TIMEOUT_S) -> str:
 @dataclass
 class Load:
     """`clients` threads sending short non-streaming completions, `streamers` threads streaming,
-    until the block ends. Exceptions (timeouts, resets) count as failures."""
+    until the block ends. Exceptions (timeouts, resets) count as failures. The thread count is
+    fixed, so the load is steady: throughput is `rate`, from the successes' start and end times."""
 
     url: str
     clients: int = 3
     streamers: int = 1
     ok: int = 0
+    done: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each success
     failed: list = field(default_factory=list)
     streams: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def _plain(self) -> None:
         while not self.stop.is_set():
+            start = time.monotonic()
             try:
                 status, _, reply = completion(self.url)
             except Exception as exc:  # noqa: BLE001 - a timeout or reset is a failure to report
                 status, reply = None, repr(exc)
             if status == 200:
+                self.done.append((start, time.monotonic()))
                 self.ok += 1
             else:
                 self.failed.append((status, reply))
@@ -85,6 +89,16 @@ class Load:
                 self.streams.append(stream_outcome(self.url))
             except Exception as exc:  # noqa: BLE001
                 self.streams.append(repr(exc))
+
+    def rate(self, start: float, end: float) -> float:
+        """Non-streaming requests completed per second in [start, end) (monotonic times), each
+        counted by the share of its duration inside the window: with a few requests per second,
+        whole counts would move a window's rate by several percent per request. Requests still
+        running are not counted yet: call this once the window's requests have ended."""
+        share = sum(
+            max(0.0, min(end, b) - max(start, a)) / (b - a) for a, b in list(self.done) if b > a
+        )
+        return share / (end - start)
 
     def wait_ok(self, n: int, timeout_s: float = 60.0) -> None:
         """Until `n` more non-streaming requests succeeded."""
