@@ -93,3 +93,27 @@ def test_unauthorized_says_which_flag(server, capsys):
 def test_empty_report_renders():
     text = render(StatusReport(), now=0.0)
     assert "tokens/ms per device  -" in text and "actions: none yet" in text
+
+
+def test_breakdown_and_measured_factors_print_beside_the_plan():
+    from serving.steptime import PARTS
+
+    fractions = dict(zip(PARTS, (0.3, 0.2, 0.35, 0.1, 0.05), strict=True))
+    factors = {"kernel": 0.0123, "communication": 0.41, "load_imbalance": 0.15,
+               "pipeline_bubbles": 0.05}  # fmt: skip
+    efficiency = {
+        "window_s": 30.0,
+        "fractions": fractions,
+        "measured": {"steps": 812, "factors": factors, "efficiency": 0.0061,
+                     "tokens_per_ms_per_device": 0.09, "ceiling_tokens_per_ms": 14.8},
+        "planned": {"factors": {"kernel": 0.9, "communication": 0.42, "load_imbalance": 0.12,
+                                "pipeline_bubbles": 0.18},
+                    "sources": dict.fromkeys(factors, "given"), "efficiency": 0.377},
+    }  # fmt: skip
+    text = render(StatusReport(efficiency=efficiency), now=0.0)
+    assert "step time (last 30 s, 812 steps):" in text
+    assert "transport            35.0%" in text
+    assert "  kernel                 0.0123  0.9 (given)" in text
+    assert "  efficiency             0.0061  0.377" in text
+    empty = render(StatusReport(efficiency={"fractions": None}), now=0.0)
+    assert "no steps in the last window" in empty
