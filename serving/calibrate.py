@@ -117,9 +117,16 @@ def prediction(
     hardware: HardwareSpec,
     decode_rows: float | None = None,
     prefill: tuple[float, float] | None = None,
+    flops_per_token: float | None = None,
 ) -> Measured:
     """Steps 1-2: the breakdown and factors expected at a batch, against `hardware`'s peak
-    (prefill (calls, tokens) per step: as given, else in the report's proportion)."""
+    (prefill (calls, tokens) per step: as given, else in the report's proportion). With the
+    planned model's FLOPs per token, the report must have measured that model."""
+    if flops_per_token and abs(flops_per_token / cal.basis.flops_per_token - 1) > 0.01:
+        raise UserError(
+            f"--calibrate: the report measured a model of {cal.basis.flops_per_token:.4g} FLOPs "
+            f"per token, the plan is for one of {flops_per_token:.4g}; use a report of this model"
+        )
     if hardware.name != cal.basis.hardware:
         raise UserError(
             f"--calibrate: the report was measured on {cal.basis.hardware!r}, the plan is for "

@@ -43,7 +43,8 @@ def deployment_plan(config: ServeConfig, model_path: str) -> Plan | None:
             cal = load_calibration(config.calibration)
             source = ",".join([config.calibration] if isinstance(config.calibration, str)
                               else config.calibration)  # fmt: skip
-            options = calibrated_options(options, prediction(cal, hardware), source)
+            predicted = prediction(cal, hardware, flops_per_token=2.0 * spec.params().active)
+            options = calibrated_options(options, predicted, source)
         return capacity.plan(spec, hardware, options)
     except Exception as exc:  # a bad profile or report must not stop serving; it is logged
         log.error("no plan for %s on %s (%s)", model_path, config.hardware, exc)

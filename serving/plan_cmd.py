@@ -264,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--check needs --calibrate REPORT.json")
     if args.calibrate:
         cal = load_calibration(args.calibrate)
-        predicted = prediction(cal, hardware, args.batch)
+        flops = 2.0 * model.params().active
+        predicted = prediction(cal, hardware, args.batch, flops_per_token=flops)
         options = calibrated_options(options, predicted, ",".join(args.calibrate))
         check = load_calibration(args.check) if args.check else None
         calibration = summary(cal, predicted, hardware, check)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from serving.config import SchedulerConfig, ServeConfig
 from serving.controller import ControllerConfig, PhaseTarget
 from serving.controller_app import controller_config, deployment_plan
@@ -28,3 +30,43 @@ def test_explicit_phases_skip_planning_and_a_bad_profile_only_holds(demo_path):
     assert [p.name for p in c.phases] == ["mine"]
     c = controller_config(ServeConfig(hardware="no-such-gpu"), None)
     assert c.phases == () and c.current_phase() is None  # logged; decide() holds
+
+
+def test_a_calibrated_deployment_gets_reachable_targets(demo_path, tmp_path):
+    import json
+
+    from serving.efficiency import EfficiencyBasis
+
+    # A bench report of this (cpu) deployment: the plan's phase 1 becomes what it measured.
+    from serving.plan_cmd import load_model_spec
+    from tests.unit import test_calibrate
+
+    flops = 2.0 * load_model_spec(str(demo_path / "config.json")).params().active
+    basis = EfficiencyBasis(
+        hardware="cpu", peak_flops=1e11, peak_source="measured", flops_per_token=flops, devices=2
+    )  # fmt: skip
+    test_calibrate.BASIS, saved = basis, test_calibrate.BASIS
+    try:
+        path = test_calibrate.report(tmp_path / "bench.json", 8, 0)
+    finally:
+        test_calibrate.BASIS = saved
+    measured = json.loads((tmp_path / "bench.json").read_text())["efficiency"]["measured"]
+    config = ServeConfig(hardware="cpu", calibration=path)
+    plan = deployment_plan(config, str(demo_path))
+    assert set(plan.efficiency_factor_sources.values()) == {"measured"}
+    c = controller_config(config, plan)
+    assert c.phases[0].name == "phase 1"
+    assert c.phases[0].tokens_per_ms == pytest.approx(
+        measured["tokens_per_ms_per_device"], rel=0.01
+    )
+    # A report of another model is refused (logged: no plan, the controller holds).
+    other = ServeConfig(hardware="cpu", calibration=str(tmp_path / "other.json"))
+    data = json.loads((tmp_path / "bench.json").read_text())
+    data["efficiency"]["basis"]["flops_per_token"] *= 3
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    assert deployment_plan(other, str(demo_path)) is None
+    # A plain cpu plan assumes the seed's factors against GEMM FLOP/s: far above what was measured.
+    uncalibrated = controller_config(
+        config, deployment_plan(ServeConfig(hardware="cpu"), str(demo_path))
+    )
+    assert uncalibrated.phases[0].tokens_per_ms > 10 * c.phases[0].tokens_per_ms
