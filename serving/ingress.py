@@ -298,20 +298,26 @@ class _Context:
         return counted
 
     def _busy(self, why: str) -> p.ApiError:
-        retry = str(self.config.limits.retry_after_s)
-        return p.ApiError(
-            503,
-            f"the server is busy ({why}); retry after {retry} s",
-            "server_overloaded",
-            code="queue_full",
-            headers={"Retry-After": retry},
-        )
+        why = f"the server is busy ({why})"
+        return retry_later(why, "queue_full", self.config.limits.retry_after_s)
 
     @staticmethod
     def _sse(chunks: AsyncIterator[bytes]) -> StreamingResponse:
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+
+
+def retry_later(message: str, code: str, retry_after_s: int) -> p.ApiError:
+    """503 with Retry-After: a transient refusal the client should retry."""
+    retry = str(retry_after_s)
+    return p.ApiError(
+        503,
+        f"{message}; retry after {retry} s",
+        "server_overloaded",
+        code=code,
+        headers={"Retry-After": retry},
+    )
 
 
 class _Lease:
@@ -370,14 +376,8 @@ class _Output:
         Retry-After when it is transient (an expert shard being replaced), else 500."""
         if event.get("error"):
             if event.get("retryable"):
-                retry = str(self.retry_after_s)
-                raise p.ApiError(
-                    503,
-                    f"temporarily unavailable ({event['error']}); retry after {retry} s",
-                    "server_overloaded",
-                    code="expert_unavailable",
-                    headers={"Retry-After": retry},
-                )
+                why = f"temporarily unavailable ({event['error']})"
+                raise retry_later(why, "expert_unavailable", self.retry_after_s)
             raise p.ApiError(500, f"generation failed: {event['error']}", "server_error")
         if event.get("token") is not None:
             self.tokens.append(event["token"])

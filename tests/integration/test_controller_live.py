@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -34,9 +35,10 @@ FAST_CONTROLLER = ControllerConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def live(serve_http, demo_path):
-    """The demo model with 2 expert shards, metrics and controller on: (base URL, Router handle)."""
+@contextmanager
+def demo_app(serve_http: str, demo_path, app: str, **fields):
+    """The demo model on 2 expert shards, API key KEY, served as "demo", planned for this CPU,
+    under `app`; `fields` set more ServeConfig fields. Yields (base URL, Router handle)."""
     from ray import serve
 
     from serving.app import application
@@ -50,13 +52,24 @@ def live(serve_http, demo_path):
             max_batch_slots=8, max_seq_len=256, step_token_budget=128, max_queue=32
         ),
         hardware="cpu",  # measured: the planner's targets for this machine
-        monitoring=MonitoringConfig(period_s=1.0, cpu_measure_s=0.3),
-        controller=FAST_CONTROLLER,
+        **fields,
     )
-    serve.run(application(config), name=APP, route_prefix="/", blocking=False)
+    serve.run(application(config), name=app, route_prefix="/", blocking=False)
     wait_healthy(serve_http)
-    yield serve_http, serve.get_deployment_handle("Router", app_name=APP)
-    serve.delete(APP)
+    try:
+        yield serve_http, serve.get_deployment_handle("Router", app_name=app)
+    finally:
+        serve.delete(app)
+
+
+@pytest.fixture(scope="module")
+def live(serve_http, demo_path):
+    """Metrics and a fast controller on: (base URL, Router handle)."""
+    monitoring = MonitoringConfig(period_s=1.0, cpu_measure_s=0.3)
+    with demo_app(
+        serve_http, demo_path, APP, monitoring=monitoring, controller=FAST_CONTROLLER
+    ) as app:
+        yield app
 
 
 class Load:

@@ -12,14 +12,12 @@ import time
 import pytest
 import torch
 
-from serving.config import MonitoringConfig, SchedulerConfig, ServeConfig
+from serving.config import MonitoringConfig
 from serving.controller import ControllerConfig
 from serving.steptime import PARTS, StepAccounting
 
-from .test_controller_live import Load, status, wait_for
-from .test_http import wait_healthy
+from .test_controller_live import KEY, Load, demo_app, status, wait_for
 
-KEY = "live-key-456"  # the same key and model name Load sends (test_controller_live)
 APP = "moe-serve-efficiency"
 pytestmark = pytest.mark.ray
 
@@ -39,27 +37,12 @@ WATCHING_CONTROLLER = ControllerConfig(
 
 @pytest.fixture(scope="module")
 def app(serve_http, demo_path):
-    """The demo model on 2 expert shards, a 5 s accounting window; (URL, Router handle)."""
-    from ray import serve
-
-    from serving.app import application
-
-    config = ServeConfig(
-        api_key=KEY,
-        model=str(demo_path),
-        served_model_name="demo",
-        expert_shards=2,
-        scheduler=SchedulerConfig(
-            max_batch_slots=8, max_seq_len=256, step_token_budget=128, max_queue=64
-        ),
-        hardware="cpu",
-        monitoring=MonitoringConfig(period_s=1.0, cpu_measure_s=0.3, accounting_window_s=5.0),
-        controller=WATCHING_CONTROLLER,
-    )
-    serve.run(application(config), name=APP, route_prefix="/", blocking=False)
-    wait_healthy(serve_http)
-    yield serve_http, serve.get_deployment_handle("Router", app_name=APP)
-    serve.delete(APP)
+    """A 5 s accounting window and a controller that only watches: (URL, Router handle)."""
+    monitoring = MonitoringConfig(period_s=1.0, cpu_measure_s=0.3, accounting_window_s=5.0)
+    with demo_app(
+        serve_http, demo_path, APP, monitoring=monitoring, controller=WATCHING_CONTROLLER
+    ) as app:
+        yield app
 
 
 def bench(url: str, concurrency: int, prompts: int, output_len: int = 24) -> dict:

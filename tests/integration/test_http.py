@@ -239,6 +239,8 @@ def test_bench_against_the_server(server, tmp_path, capsys):
     assert summary["total_output_tokens"] == 20 and summary["total_input_tokens"] == 32
     assert summary["output_tokens_per_ms"] > 0 and summary["p50_ttft_ms"] <= summary["p99_ttft_ms"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The router's step accounting over exactly this run (drawn beside the curve in the plot).
+    assert sum(summary["efficiency"]["fractions"].values()) == pytest.approx(1.0, abs=0.02)
 
 
 LONG = {"model": "demo", "prompt": [5] * 2100}
