@@ -143,9 +143,10 @@ def prediction(
 
 
 def calibrated_options(
-    options: PlanOptions, predicted: Measured, source: str | Path
+    options: PlanOptions, predicted: Measured, reports: str | Path | list
 ) -> PlanOptions:
-    """Step 3: plan options whose four factors are the predicted ones."""
+    """Step 3: plan options whose four factors are the predicted ones, measured in `reports`."""
+    source = ",".join(map(str, reports)) if isinstance(reports, list) else str(reports)
     f = predicted.factors
     if f.kernel <= 0:
         raise UserError(f"{source}: the report measured no compute time; cannot calibrate")
@@ -155,7 +156,7 @@ def calibrated_options(
             "communication": f.communication,
             "load_imbalance": f.load_imbalance,
             "pipeline_bubbles": f.pipeline_bubbles,
-            "measured_from": str(source),
+            "measured_from": source,
         }
     )
 

@@ -41,10 +41,8 @@ def deployment_plan(config: ServeConfig, model_path: str) -> Plan | None:
         options = capacity.PlanOptions()
         if config.calibration:
             cal = load_calibration(config.calibration)
-            source = ",".join([config.calibration] if isinstance(config.calibration, str)
-                              else config.calibration)  # fmt: skip
             predicted = prediction(cal, hardware, flops_per_token=2.0 * spec.params().active)
-            options = calibrated_options(options, predicted, source)
+            options = calibrated_options(options, predicted, config.calibration)
         return capacity.plan(spec, hardware, options)
     except Exception as exc:  # a bad profile or report must not stop serving; it is logged
         log.error("no plan for %s on %s (%s)", model_path, config.hardware, exc)

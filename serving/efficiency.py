@@ -103,24 +103,39 @@ def _share(part: float, whole: float) -> float:
 
 def measure(totals: StepTotals, basis: EfficiencyBasis) -> Measured | None:
     """M1-M3 over a window's totals; None without accounted time."""
-    fractions = totals.fractions()
-    if fractions is None or totals.steps == 0:
+    if totals.wall_s <= 0 or totals.steps == 0:
         return None
     seconds = {p: totals.part(p) for p in PARTS}
-    factors, achieved = factors_from(seconds, totals.tokens, basis)
+    counts = (totals.decode_rows, totals.prefill_calls, totals.prefill_tokens)
+    shard_compute = [float(s) / totals.wall_s for s in totals.shard_s]
+    return _measured(seconds, totals.steps, *counts, basis, shard_compute)
+
+
+def _measured(
+    seconds: dict[str, float],
+    steps: int,
+    decode_rows: float,
+    prefill_calls: float,
+    prefill_tokens: float,
+    basis: EfficiencyBasis,
+    shard_compute: list[float] | None = None,
+) -> Measured:
+    """M1-M3 from seconds per part and what ran in them (totals over `steps` steps)."""
+    wall, tokens = sum(seconds.values()), decode_rows + prefill_tokens
+    factors, achieved = factors_from(seconds, tokens, basis)
     return Measured(
-        window_s=totals.wall_s,
-        steps=totals.steps,
-        decode_rows_per_step=totals.decode_rows / totals.steps,
-        prefill_tokens_per_step=totals.prefill_tokens / totals.steps,
-        prefill_calls_per_step=totals.prefill_calls / totals.steps,
-        tokens_per_ms_per_device=totals.tokens / (totals.wall_s * 1000.0) / basis.devices,
+        window_s=wall,
+        steps=steps,
+        decode_rows_per_step=decode_rows / steps,
+        prefill_tokens_per_step=prefill_tokens / steps,
+        prefill_calls_per_step=prefill_calls / steps,
+        tokens_per_ms_per_device=tokens / (wall * 1000.0) / basis.devices,
         ceiling_tokens_per_ms=basis.ceiling_tokens_per_ms,
-        fractions=fractions,
+        fractions={p: s / wall for p, s in seconds.items()},
         factors=factors,
         efficiency=factors.product(),
         achieved_flops_per_device=achieved,
-        shard_compute_fraction=[float(s) / totals.wall_s for s in totals.shard_s],
+        shard_compute_fraction=shard_compute or [],
     )
 
 
@@ -180,24 +195,9 @@ def predict(
     `decode_rows` decode rows, `prefill_calls` prompt chunks of `prefill_tokens` tokens in all
     per step."""
     seconds = model.seconds(decode_rows, prefill_calls, prefill_tokens)
-    wall = sum(seconds.values())
-    tokens = decode_rows + prefill_tokens
-    if wall <= 0 or tokens <= 0:
+    if sum(seconds.values()) <= 0 or decode_rows + prefill_tokens <= 0:
         raise ValueError("the step model predicts no time or no tokens at this batch")
-    factors, achieved = factors_from(seconds, tokens, basis)
-    return Measured(
-        window_s=wall,
-        steps=1,
-        decode_rows_per_step=decode_rows,
-        prefill_tokens_per_step=prefill_tokens,
-        prefill_calls_per_step=prefill_calls,
-        tokens_per_ms_per_device=tokens / (wall * 1000.0) / basis.devices,
-        ceiling_tokens_per_ms=basis.ceiling_tokens_per_ms,
-        fractions={p: s / wall for p, s in seconds.items()},
-        factors=factors,
-        efficiency=factors.product(),
-        achieved_flops_per_device=achieved,
-    )
+    return _measured(seconds, 1, decode_rows, prefill_calls, prefill_tokens, basis)
 
 
 def relative_error(predicted: float, measured: float) -> float:

@@ -5,8 +5,9 @@ The scheduler calls `RouterMonitor.on_step` after every step, on the event loop 
 forward passes, so reading the expert pool's balancer there races with nothing. Cheap figures
 (step tokens, queue, KV cache use, request latencies) are recorded every step; the balancer's
 overflow totals and load evenness, and the step-time breakdown with the measured efficiency
-factors (serving/steptime.py, serving/efficiency.py), every `period_s`. `run()` re-sets the gauges every period so that
-none expires while the server is idle (Ray drops a gauge ~30 s after its last set).
+factors (serving/steptime.py, serving/efficiency.py), every `period_s`. `run()` re-sets the gauges
+every period so that none expires while the server is idle (Ray drops a gauge ~30 s after its last
+set).
 
 Live tokens/ms, targets, phase and controller actions are recorded by the controller itself
 (serving/controller_loop.py) in its own process, from the counters this module hands it.
@@ -25,7 +26,7 @@ import numpy as np
 from serving.capacity import Plan
 from serving.controller import Decision, devices_in_use
 from serving.controller_loop import Counters
-from serving.efficiency import Measured, basis_from_plan, measure
+from serving.efficiency import EfficiencyBasis, Measured, basis_from_plan, measure
 from serving.scheduler import Scheduler, StepReport
 
 log = logging.getLogger("moe_serve.monitor")
@@ -120,9 +121,11 @@ class RouterMonitor:
         accounting = getattr(self.scheduler, "accounting", None)
         if accounting is None:
             return None, None
-        window = accounting.window()
-        basis = basis_from_plan(self.plan, self.devices()) if self.plan else None
+        window, basis = accounting.window(), self._basis()
         return window.fractions(), measure(window, basis) if basis else None
+
+    def _basis(self) -> EfficiencyBasis | None:
+        return basis_from_plan(self.plan, self.devices()) if self.plan else None
 
     def efficiency(self) -> dict:
         """The `efficiency` section of GET /v1/moe/status: cumulative totals (a benchmark diffs
@@ -134,7 +137,7 @@ class RouterMonitor:
         plan = self.plan
         return {
             "totals": accounting.totals.to_json(),
-            "basis": basis_from_plan(plan, self.devices()).model_dump() if plan else None,
+            "basis": basis.model_dump() if (basis := self._basis()) else None,
             "window_s": accounting.window_s,
             "fractions": fractions,
             "measured": measured.model_dump() if measured else None,
@@ -159,18 +162,19 @@ class RouterMonitor:
 
     # -- the controller's view -------------------------------------------------------------------
 
-    def _shard_gpus(self) -> int:
-        on_gpu = str(getattr(self.pool, "device", "cpu")).startswith("cuda")
-        return self.shards if on_gpu else 0
+    def _device_counts(self) -> tuple[int, int]:
+        """(GPUs in use by the router and the shards, expert shards on CPU)."""
+        shards = self.shards
+        shard_gpus = shards if str(getattr(self.pool, "device", "cpu")).startswith("cuda") else 0
+        return (1 if self.on_gpu else 0) + shard_gpus, shards - shard_gpus
 
     def devices(self) -> int:
         """Devices in use, counted as the controller counts them."""
-        gpus = self._shard_gpus()
-        return devices_in_use((1 if self.on_gpu else 0) + gpus, self.shards - gpus)
+        return devices_in_use(*self._device_counts())
 
     def counters(self) -> Counters:
         shards = self.shards
-        shard_gpus = self._shard_gpus()
+        gpus, cpu_shards = self._device_counts()
         busy = self._reconfiguring()
         fractions, measured = self.window()
         return Counters(
@@ -178,14 +182,15 @@ class RouterMonitor:
             tokens_processed=getattr(self.scheduler, "tokens_processed", None),
             step_fractions=fractions,
             measured_efficiency=measured.efficiency if measured else None,
-            gpus=(1 if self.on_gpu else 0) + shard_gpus,
-            cpu_shards=shards - shard_gpus,
+            gpus=gpus,
+            cpu_shards=cpu_shards,
             queue_depth=len(self.scheduler.waiting),
             expert_load_cv=self.load[0] if shards else None,
             max_over_mean=self.load[1] if shards else None,
             p99_ttft_s=p99(self.ttft),
             p99_tpot_s=p99(self.tpot),
-            can_scale_out=shards > 0 and not busy and self._room_for_shard(shard_gpus > 0),
+            # With shards, none on CPU means they are on GPUs: a new one needs a free GPU.
+            can_scale_out=shards > 0 and not busy and self._room_for_shard(cpu_shards == 0),
             can_scale_in=shards > 1 and not busy,
             can_rebalance=shards > 0 and not busy,
         )

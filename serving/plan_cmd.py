@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         cal = load_calibration(args.calibrate)
         flops = 2.0 * model.params().active
         predicted = prediction(cal, hardware, args.batch, flops_per_token=flops)
-        options = calibrated_options(options, predicted, ",".join(args.calibrate))
+        options = calibrated_options(options, predicted, args.calibrate)
         check = load_calibration(args.check) if args.check else None
         calibration = summary(cal, predicted, hardware, check)
     result = capacity.plan(model, hardware, options)

@@ -108,6 +108,15 @@ class StepPlan:
     decodes: list[Sequence]
     prefills: list[tuple[Sequence, int]]  # (sequence, chunk length)
 
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(n for _, n in self.prefills)
+
+    @property
+    def tokens(self) -> int:
+        """Decode rows + prompt tokens: what the step runs through the model."""
+        return len(self.decodes) + self.prefill_tokens
+
 
 class Scheduler:
     """Submit requests, stream their events; `run_forever` is started on the first submit."""
@@ -271,11 +280,8 @@ class Scheduler:
         try:
             expert = self.model.pool.step_time()  # taken even when not accounting: starts afresh
             if self.accounting is not None:
-                prefill = sum(n for _, n in plan.prefills)
-                calls = len(plan.prefills)
-                self.accounting.record(
-                    end - begin, forward_s, expert, len(plan.decodes), prefill, calls
-                )
+                self.accounting.record(end - begin, forward_s, expert, len(plan.decodes),
+                                       plan.prefill_tokens, len(plan.prefills))  # fmt: skip
         except Exception:
             log.exception("step accounting failed")
 
@@ -284,7 +290,7 @@ class Scheduler:
         if self.observer is None:
             return
         report = StepReport(
-            batch_tokens=len(plan.decodes) + sum(n for _, n in plan.prefills),
+            batch_tokens=plan.tokens,
             new_tokens=new_tokens,
             queue_depth=len(self.waiting),
             slots_used=len(self.running),
@@ -364,9 +370,9 @@ class Scheduler:
         for seq, n in plan.prefills:
             seq.cached += n
         self.steps += 1
-        self.tokens_processed += len(plan.decodes) + sum(n for _, n in plan.prefills)
+        self.tokens_processed += plan.tokens
         self.step_batch_sizes.append(len(plan.decodes))
-        self.step_tokens.append(len(plan.decodes) + sum(n for _, n in plan.prefills))
+        self.step_tokens.append(plan.tokens)
         self.max_step_batch = max(self.max_step_batch, len(plan.decodes))
 
     def _emit(self, seq: Sequence, logits: torch.Tensor | None) -> RequestTiming | None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -88,7 +88,8 @@ class StepTotals:
             self.shard_s[: len(shard_s)] += shard_s
 
     def copy(self) -> StepTotals:
-        return StepTotals.from_json(self.to_json())
+        arrays = ("seconds", "moments", "cross", "shard_s")
+        return replace(self, **{name: getattr(self, name).copy() for name in arrays})
 
     def __sub__(self, earlier: StepTotals) -> StepTotals:
         return self._combine(earlier, -1)
