@@ -1,7 +1,7 @@
 """moe-serve: serving top-2 Mixture-of-Experts models on Ray, honestly measured.
 
 `from serving import load_model` is the Python entry point (see serving/load.py). It is imported
-lazily so that `import serving.cli` stays light and `experts`/`router` can import serving.errors.
+lazily so that `import serving.cli` stays light (no torch for `moe-serve plan --help`).
 """
 
 from typing import Any

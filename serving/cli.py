@@ -1,8 +1,9 @@
 """`moe-serve`: one entry point, one subcommand per job.
 
 Each subcommand lives beside the concept it drives and registers itself through
-`add_subcommand(subparsers)`, setting `func(args) -> int`. A `UserError` anywhere becomes one line on
-stderr and exit status 2, so a user never sees a traceback for a mistake of theirs.
+`add_subcommand(subparsers)`, setting `func(args) -> int`. A user-facing error anywhere
+(serving/errors.py USER_ERRORS) becomes one line on stderr and exit status 2, so a user never sees
+a traceback for a mistake of theirs or a fault of their checkpoint or cluster.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from serving.errors import UserError
+from serving.errors import USER_ERRORS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to start itself again (up)
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
+    except USER_ERRORS as exc:
         print(f"moe-serve {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

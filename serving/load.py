@@ -9,6 +9,7 @@ import torch
 
 from experts.checkpoint import Checkpoint
 from experts.pool import LocalExpertPool
+from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S
 from serving.errors import UserError
 from serving.model import MixtralModel
 
@@ -19,6 +20,9 @@ def load_model(
     device: str | torch.device = "cpu",
     expert_shards: int = 0,
     redundant_experts: int = 0,
+    shard_cpus: float | None = None,
+    shard_gpus: float = 1.0,
+    placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
     **pool_options: Any,
 ) -> MixtralModel:
     """Load a Hugging Face Mixtral checkpoint directory (config.json + safetensors).
@@ -26,14 +30,23 @@ def load_model(
     Returns a module: `model(input_ids [B, S]) -> logits [B, S, vocab]`.
     expert_shards=0 keeps every expert in this process. expert_shards=N > 0 places the experts on N
     ExpertShard Ray actors (starting a local Ray if none is running), with `redundant_experts`
-    extra copies of the hottest experts, copies of one expert on different shards. Extra keyword
+    extra copies of the hottest experts, copies of one expert on different shards. Each shard asks
+    Ray for `shard_gpus` GPUs on CUDA, else `shard_cpus` CPUs (None: an equal share of the
+    cluster's CPUs, so any number of shards fits); a cluster without room for them is reported
+    every 10 s and, after `placement_timeout_s`, fails with PlacementTimeout. Extra keyword
     arguments go to RayExpertPool (balancer, call_timeout_s, ...).
     """
     if expert_shards < 0 or redundant_experts < 0:
         raise UserError("expert_shards and redundant_experts must be >= 0")
+    if shard_gpus <= 0 or (shard_cpus is not None and shard_cpus <= 0):
+        raise UserError("shard_gpus and shard_cpus must be > 0")
+    pool_options |= dict(
+        shard_cpus=shard_cpus, shard_gpus=shard_gpus, placement_timeout_s=placement_timeout_s
+    )
     if redundant_experts and not expert_shards:
         raise UserError("redundant_experts needs expert_shards > 0 (copies live on shards)")
     ckpt = Checkpoint(path)
+    ckpt.validate()  # headers only: a broken download fails here, in one line
     try:
         if expert_shards:
             pool = _ray_pool(
