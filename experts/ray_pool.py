@@ -36,6 +36,7 @@ from ray.exceptions import GetTimeoutError, RayError
 
 from experts.checkpoint import MixtralConfig
 from experts.shard import ExpertShard, from_numpy, to_numpy
+from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S, ShardResources, wait_for_room
 from experts.timing import ExpertTime
 from router.balancer import ExpertLoadBalancer
 from router.dispatch import Dispatch
@@ -71,6 +72,9 @@ class RayExpertPool:
         load_timeout_s: float = 600.0,
         transport: str = "compiled",
         compiled_max_bytes: int = 4 << 20,
+        shard_gpus: float = 1.0,
+        shard_cpus: float | None = None,
+        placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -98,6 +102,11 @@ class RayExpertPool:
         # summed until the scheduler takes them after its step. Off: nothing is timed.
         self.timing = True
         self._times = ExpertTime()
+        # What each shard asks Ray for (experts/shard_resources.py), fixed for the pool's life.
+        self.resources = ShardResources(device.startswith("cuda"), shard_gpus, shard_cpus)
+        self.shard_amount = self.resources.amount(num_shards)
+        self.placement_timeout_s = placement_timeout_s
+        self._wait_for_room(num_shards)
         self.shards = [self._start_actor() for _ in range(num_shards)]
         self._load_all(self.version, self.placements())
         if transport == "compiled":
@@ -130,6 +139,8 @@ class RayExpertPool:
 
     def _compute(self, layer, x, dispatch, shard_s: list[float]) -> torch.Tensor:
         placement, version = self.balancer.placement(layer), self.version
+        # Host copies of the row counts: they travel as numpy (the model may be on a GPU).
+        dispatch = Dispatch(dispatch.pair_idx, dispatch.token_idx, dispatch.counts.cpu())
         ranges = self._shard_ranges(placement)
         rows = dispatch.segments(ranges)  # [start, end) of each shard's rows
         if self._graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
@@ -282,8 +293,11 @@ class RayExpertPool:
         starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         return [(starts[s], starts[s + 1]) for s in range(len(sizes))]
 
+    def _wait_for_room(self, shards: int) -> None:
+        wait_for_room(shards, self.shard_amount, self.resources.kind, self.placement_timeout_s)
+
     def _start_actor(self):
-        options = {"num_gpus": 1} if self.device.startswith("cuda") else {"num_cpus": 1}
+        options = self.resources.actor_options(self.shard_amount)
         device = "cuda" if self.device.startswith("cuda") else self.device
         dtype = str(self.dtype).removeprefix("torch.")
         return RemoteShard.options(**options).remote(self.checkpoint, dtype, device)
@@ -321,6 +335,7 @@ class RayExpertPool:
         while True:
             try:
                 version, placements = self.version, self.placements()
+                self._wait_for_room(1)
                 actor = self._start_actor()
                 ray.get(actor.prepare.remote(version, self._layer_experts(placements, shard)),
                         timeout=self.load_timeout_s)  # fmt: skip
@@ -373,6 +388,7 @@ class RayExpertPool:
             redundant = min(self.redundant, experts * (num_shards - 1))
             placements = place_layers(self.balancer.tokens_per_expert(), num_shards, redundant)
             base = list(self.shards)
+            self._wait_for_room(num_shards - len(base))
             actors = base[:num_shards] + [
                 self._start_actor() for _ in range(num_shards - len(base))
             ]

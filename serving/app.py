@@ -70,6 +70,11 @@ def load_serving_model(config: ServeConfig):
     options: dict = expert_options(config)
     if config.expert_shards:
         options["call_timeout_s"] = config.expert_call_timeout_s  # RayExpertPool's hang bound
+        options |= dict(
+            shard_cpus=config.shard_cpus,
+            shard_gpus=config.shard_gpus,
+            placement_timeout_s=config.placement_timeout_s,
+        )
     return load_model(
         model_dir(config),
         dtype=dtypes[config.dtype],
@@ -221,8 +226,8 @@ def application(config: ServeConfig) -> Application:
     ongoing = config.max_ongoing_requests
     gpu = 1 if config.device.startswith("cuda") else 0
     router = Router.options(
-        # Ray Serve's default of 5 would cap the batch (DESIGN.md section 7); our own scheduler
-        # queue bounds the work, so the router takes everything the ingress sends.
+        # Ray Serve's default of 5 would cap the batch (ARCHITECTURE.md section 7); our own
+        # scheduler queue bounds the work, so the router takes everything the ingress sends.
         max_ongoing_requests=ongoing,
         ray_actor_options={"num_cpus": 0, "num_gpus": gpu},
     ).bind(config)

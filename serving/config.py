@@ -64,7 +64,7 @@ class MonitoringConfig(BaseModel):
     # Run the throughput controller (serving/controller_app.py) beside the router.
     controller: bool = True
     # Seconds between the router's slower readings (overflow, expert load) and gauge re-sets;
-    # gauges expire ~30 s after their last set (DESIGN.md section 7), so keep it well below.
+    # gauges expire ~30 s after their last set (ARCHITECTURE.md section 7), so keep it well below.
     period_s: float = Field(5.0, gt=0, le=20)
     # Seconds of steps the step-time breakdown and measured efficiency are taken over (status,
     # metrics, the controller's view); totals since start are kept as well (serving/steptime.py).
@@ -95,7 +95,14 @@ class ServeConfig(BaseModel):
     # Seconds one call to an ExpertShard may take before its shard counts as failed (hung) and is
     # replaced; its rows then go to surviving copies. Only used with expert_shards > 0.
     expert_call_timeout_s: float = Field(30.0, gt=0)
-    # Ray Serve's default of 5 silently caps concurrency (DESIGN.md section 7): set explicitly.
+    # What each ExpertShard asks Ray for: a share of a GPU on CUDA (0.5: two shards per GPU), or
+    # of the CPUs (None: an equal share of the cluster's CPUs, at most one, so any count fits).
+    shard_gpus: float = Field(1.0, gt=0)
+    shard_cpus: float | None = Field(None, gt=0)
+    # How long to wait for the cluster to have room for the shards (an autoscaler may need
+    # minutes to add a node) before failing with one line; progress is reported every 10 s.
+    placement_timeout_s: float = Field(120.0, gt=0)
+    # Ray Serve's default of 5 silently caps concurrency (ARCHITECTURE.md section 7): set it here.
     max_ongoing_requests: int = Field(256, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
     scheduler: SchedulerConfig = SchedulerConfig()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from typing import Any
@@ -55,7 +56,9 @@ class RouterMonitor:
         self.ttft: deque[float] = deque(maxlen=RECENT_REQUESTS)
         self.tpot: deque[float] = deque(maxlen=RECENT_REQUESTS)
         self.load: tuple[float | None, float | None] = (None, None)  # worst layer: CV, max/mean
-        self._last_slow = 0.0
+        # None: never read. The first step reads at once (monotonic() counts from boot, so a
+        # clock started at 0 would wait for a period after boot).
+        self._last_slow: float | None = None
         self._reconfig = None  # the pool's reconfiguration thread in flight, if any
 
     @property
@@ -83,8 +86,9 @@ class RouterMonitor:
             )
             for t in report.finished:
                 self.metrics.record_request(ttft_s=t.ttft_s, e2e_s=t.e2e_s, tpot_s=t.tpot_s)
-        if time.monotonic() - self._last_slow >= self.period_s:
-            self._last_slow = time.monotonic()
+        now = time.monotonic()
+        if self._last_slow is None or now - self._last_slow >= self.period_s:
+            self._last_slow = now
             self._read_balancer()
             self._read_accounting()
 
@@ -163,10 +167,13 @@ class RouterMonitor:
     # -- the controller's view -------------------------------------------------------------------
 
     def _device_counts(self) -> tuple[int, int]:
-        """(GPUs in use by the router and the shards, expert shards on CPU)."""
+        """(GPUs in use by the router and the shards, expert shards on CPU). Shards sharing a
+        GPU (shard_gpus < 1) count the GPUs they occupy, not one each."""
         shards = self.shards
-        shard_gpus = shards if str(getattr(self.pool, "device", "cpu")).startswith("cuda") else 0
-        return (1 if self.on_gpu else 0) + shard_gpus, shards - shard_gpus
+        if not shards or not str(getattr(self.pool, "device", "cpu")).startswith("cuda"):
+            return (1 if self.on_gpu else 0), shards
+        shard_gpus = math.ceil(shards * self.pool.shard_amount - 1e-9)
+        return (1 if self.on_gpu else 0) + shard_gpus, 0
 
     def devices(self) -> int:
         """Devices in use, counted as the controller counts them."""
@@ -189,8 +196,7 @@ class RouterMonitor:
             max_over_mean=self.load[1] if shards else None,
             p99_ttft_s=p99(self.ttft),
             p99_tpot_s=p99(self.tpot),
-            # With shards, none on CPU means they are on GPUs: a new one needs a free GPU.
-            can_scale_out=shards > 0 and not busy and self._room_for_shard(cpu_shards == 0),
+            can_scale_out=shards > 0 and not busy and self._room_for_shard(),
             can_scale_in=shards > 1 and not busy,
             can_rebalance=shards > 0 and not busy,
         )
@@ -198,13 +204,12 @@ class RouterMonitor:
     def _reconfiguring(self) -> bool:
         return self._reconfig is not None and self._reconfig.is_alive()
 
-    @staticmethod
-    def _room_for_shard(gpu: bool) -> bool:
-        """The cluster has the resource one more ExpertShard asks for (experts/ray_pool.py)."""
+    def _room_for_shard(self) -> bool:
+        """The cluster has what one more ExpertShard asks for (experts/shard_resources.py)."""
         import ray
 
-        free = ray.available_resources()
-        return free.get("GPU" if gpu else "CPU", 0.0) >= 1.0
+        kind, amount = self.pool.resources.kind, self.pool.shard_amount
+        return ray.available_resources().get(kind, 0.0) >= amount
 
     # -- carrying out decisions ------------------------------------------------------------------
 

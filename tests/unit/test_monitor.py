@@ -83,7 +83,7 @@ def test_each_step_is_recorded_and_the_balancer_read_each_period():
 
 
 def test_counters_for_the_controller(monkeypatch):
-    monkeypatch.setattr(RouterMonitor, "_room_for_shard", staticmethod(lambda gpu: True))
+    monkeypatch.setattr(RouterMonitor, "_room_for_shard", lambda self: True)
     mon = RouterMonitor(FakeScheduler(FakePool(2)), None, on_gpu=False)
     mon.on_step(step((RequestTiming(0.1, 0.5, 0.02),)))
     c = mon.counters()
