@@ -2,7 +2,9 @@
 
 On Ctrl-C or SIGTERM it (1) stops admitting requests (new ones get 503 with Retry-After), (2) waits
 for the requests in flight to finish, at most `drain_timeout_s`, (3) deletes the application and
-shuts Serve down, and (4) stops the Ray it started (a joined cluster is left running).
+shuts Serve down, and (4) stops the Ray it started (a joined cluster is left running). When it
+starts Ray, the server runs under a supervisor in a session of its own (serving/supervisor.py), so
+that SIGTERM to the whole process group drains the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 
 from serving.config import ServeConfig, load_config, with_overrides
 from serving.metrics import DEFAULT_METRICS_PORT
+from serving.supervisor import die_with_supervisor, supervise, supervised
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +28,26 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--expert-shards", type=int, metavar="N", help="ExpertShard actors (0: none)")
     p.add_argument("--redundant-experts", type=int, metavar="R", help="extra expert replicas")
+    p.add_argument(
+        "--shard-cpus",
+        type=float,
+        metavar="C",
+        help="CPUs each ExpertShard asks Ray for (default: an equal share of the cluster's CPUs, "
+        "at most 1, so shards share cores)",
+    )
+    p.add_argument(
+        "--shard-gpus",
+        type=float,
+        metavar="G",
+        help="GPUs each ExpertShard asks for on CUDA (default 1; 0.5 puts two shards per GPU)",
+    )
+    p.add_argument(
+        "--placement-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to wait for room for the shards before failing (default 120; an "
+        "autoscaling cluster may need longer)",
+    )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or MOE_SERVE_API_KEY)")
     p.add_argument("--config", metavar="YAML", help="a Ray Serve config file (configs/serve.yaml)")
     p.add_argument(
@@ -67,6 +90,9 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         expert_shards=args.expert_shards,
         redundant_experts=args.redundant_experts,
+        shard_cpus=args.shard_cpus,
+        shard_gpus=args.shard_gpus,
+        placement_timeout_s=args.placement_timeout,
         api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
         dtype=args.dtype,
         device=args.device,
@@ -77,6 +103,7 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from experts.checkpoint import Checkpoint
     from serving.app import expert_options, model_dir
     from serving.ingress import ModelInfo
 
@@ -87,11 +114,18 @@ def run(args: argparse.Namespace) -> int:
         load_calibration(config.calibration)  # a bad report fails here, in one line
     # Fail here, in one line, rather than inside a replica: the checkpoint and the options.
     expert_options(config)
-    ModelInfo.load(model_dir(config), config)
+    path = model_dir(config)
+    Checkpoint(path).validate()  # headers only, no tensor data: a cut download fails here
+    ModelInfo.load(path, config)
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:  # Ray will be ours: keep it out of the caller's process group
+        if not supervised():
+            return supervise(args.argv)
+        die_with_supervisor()
     started_ray = _start_ray(address, args.dashboard, config.metrics_port)
     stop = _stop_event()  # after ray.init, which installs a SIGTERM handler that exits at once
     try:
+        _wait_for_shard_room(config)
         _deploy(config)
         _announce(config)
         _announce_metrics(config)
@@ -132,6 +166,19 @@ def _start_ray(address: str | None, dashboard: bool, metrics_port: int) -> bool:
         return False
     ray.init(include_dashboard=dashboard, log_to_driver=False, **ray_init_kwargs(metrics_port))
     return True
+
+
+def _wait_for_shard_room(config: ServeConfig) -> None:
+    """Wait, out loud, until the cluster has room for the shards, or fail in one line: inside
+    the router replica the same wait would be invisible here."""
+    if not config.expert_shards:
+        return
+    from experts.shard_resources import ShardResources, wait_for_room
+
+    resources = ShardResources(config.device.startswith("cuda"), config.shard_gpus,
+                               config.shard_cpus)  # fmt: skip
+    amount = resources.amount(config.expert_shards)
+    wait_for_room(config.expert_shards, amount, resources.kind, config.placement_timeout_s)
 
 
 def _deploy(config: ServeConfig) -> None:

@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from http.client import HTTPConnection
 
 import pytest
 import torch
-import yaml
 
 from serving.config import SchedulerConfig, ServeConfig
 from serving.generate import SamplingParams, generate
 from serving.tokenizer import TextTokenizer
 
-from ..conftest import REPO
 from ..http_client import http as plain_http
-from .conftest import free_port
 
 KEY = "test-key-123"
 APP = "moe-serve-test"
@@ -386,66 +379,3 @@ class Streamer(threading.Thread):
                 for choice in chunk.get("choices", []):
                     self.finish = choice["finish_reason"] or self.finish
         conn.close()
-
-
-def test_up_refuses_when_full_and_drains_on_sigterm(tmp_path, demo_path):
-    """`moe-serve up` (its own Ray): 1 slot + 1 queued -> the next request is 503 with Retry-After;
-    SIGTERM -> new requests are refused, both in flight finish, the process exits 0."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = {
-        "model": str(demo_path),
-        "served_model_name": "demo",
-        "api_key": KEY,
-        "max_ongoing_requests": 16,
-        "drain_timeout_s": 120,
-        "scheduler": {"max_batch_slots": 1, "step_token_budget": 64, "max_queue": 1},
-        "limits": {"retry_after_s": 2},
-        "metrics_port": free_port(),  # not the default 8080: another Ray may hold it
-    }
-    config = tmp_path / "serve.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "http_options": {"host": "127.0.0.1", "port": port},
-                "applications": [{"import_path": "serving.app:build_app", "args": args}],
-            }
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOE_SERVE_API_KEY")}
-    log = (tmp_path / "up.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "up", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so a failed test can stop all of it
-    )
-    try:
-        wait_healthy(url)
-        running = Streamer(url, max_tokens=150)
-        assert running.first_token.wait(120) and running.status == 200  # it holds the slot
-        queued = Streamer(url, max_tokens=300)
-        assert queued.admitted.wait(120) and queued.status == 200  # it waits in the queue
-        body = json.dumps({"model": "demo", "prompt": "hi", "max_tokens": 2}).encode()
-        status, headers, reply = http("POST", f"{url}/v1/completions", body)
-        assert status == 503 and headers["Retry-After"] == "2"
-        assert reply["error"]["code"] == "queue_full"
-
-        proc.send_signal(signal.SIGTERM)
-        while wait_healthy(url)["status"] != "draining":
-            time.sleep(0.2)
-        status, _, reply = http("POST", f"{url}/v1/completions", body)
-        assert status == 503 and reply["error"]["type"] == "server_overloaded"
-        for stream in (running, queued):
-            stream.join(300)
-            assert stream.done and stream.finish == "length"
-            assert stream.usage["completion_tokens"] == stream.max_tokens
-        assert proc.wait(timeout=180) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-    assert "stopped" in (tmp_path / "up.log").read_text()
