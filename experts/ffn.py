@@ -63,23 +63,25 @@ def grouped_swiglu(
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     if impl == "auto":
-        impl = "grouped_mm" if grouped_mm_supported(x) else "loop"
+        impl = "grouped_mm" if grouped_mm_supported(x, weights) else "loop"
     if impl == "grouped_mm":
         return _grouped_mm_swiglu(x, counts, weights)
     return _loop_swiglu(x, counts, weights)
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
+def grouped_mm_supported(x: torch.Tensor, weights: ExpertWeights | None = None) -> bool:
     """Whether "auto" takes torch.nn.functional.grouped_mm: on CUDA for bf16 from compute
-    capability 8.0. On CPU the loop is used: grouped_mm exists there (torch >= 2.10) but measured
-    ~10% slower than one MKL GEMM per expert (scripts/bench_forward.py, BENCHMARKS.md)."""
+    capability 8.0, when every row stride is a multiple of 16 bytes (D and F multiples of 8 in
+    bf16), which torch's CUDA grouped GEMM requires. On CPU the loop is used: grouped_mm exists
+    there (torch >= 2.10) but measured ~10% slower than one MKL GEMM per expert
+    (scripts/bench_forward.py, BENCHMARKS.md)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    )
+    if not (x.is_cuda and x.dtype == torch.bfloat16):
+        return False
+    rows = [x.shape[-1]] + ([weights.w2.shape[-1]] if weights is not None else [])
+    aligned = all(n * x.element_size() % 16 == 0 for n in rows)
+    return aligned and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def _loop_swiglu(x: torch.Tensor, counts: torch.Tensor, weights: ExpertWeights) -> torch.Tensor:

@@ -39,6 +39,9 @@ def sample(
         outside = sorted_p.cumsum(-1) - sorted_p >= params.top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if gen is not None and gen.device != probs.device:
+        # A seeded request's generator lives on the CPU (reproducible on any device): sample there.
+        return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 

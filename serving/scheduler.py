@@ -342,20 +342,21 @@ class Scheduler:
         """
         began = time.perf_counter()
         out: list[tuple[Sequence, torch.Tensor | None]] = []
+        device = self.model.device
         if plan.decodes:
-            ids = torch.tensor([[s.output[-1]] for s in plan.decodes])  # [B, 1]
-            start = torch.tensor([s.cached for s in plan.decodes])
-            slots = torch.tensor([s.slot for s in plan.decodes])
+            ids = torch.tensor([[s.output[-1]] for s in plan.decodes], device=device)  # [B, 1]
+            start = torch.tensor([s.cached for s in plan.decodes], device=device)
+            slots = torch.tensor([s.slot for s in plan.decodes], device=device)
             logits = self.model(ids, cache=self.cache, start_pos=start, slots=slots, last_only=True)
             out += [(s, logits[i, -1]) for i, s in enumerate(plan.decodes)]
         for seq, n in plan.prefills:
             # Rows of one forward share S, so each prompt chunk is its own call (B=1).
-            chunk = torch.tensor([seq.prompt[seq.cached : seq.cached + n]])  # [1, S]
+            chunk = torch.tensor([seq.prompt[seq.cached : seq.cached + n]], device=device)  # [1, S]
             logits = self.model(
                 chunk,
                 cache=self.cache,
                 start_pos=seq.cached,
-                slots=torch.tensor([seq.slot]),
+                slots=torch.tensor([seq.slot], device=device),
                 last_only=True,
             )
             ends_prompt = seq.cached + n == len(seq.prompt)
