@@ -5,7 +5,8 @@
 Starts `moe-serve up` (demo model, expert_shards=2, redundant_experts=8: every expert on both
 shards), sends completions and chat, streamed and not, from `--clients` threads, SIGKILLs one
 ExpertShard process at the end of each minute (alternating shards), and prints one JSON report:
-success rate, p50/p99 latency per minute, and the RSS of every moe-serve process before the load,
+success rate, p50/p99 latency per minute, completions/s before each kill and in 6 s windows after
+it (when throughput was back to 90%: the recovery goal), and the RSS of every moe-serve process before the load,
 at the end of every minute (just before that minute's kill) and after the load, with its drift
 from the first reading and from minute 2 on (start-up growth, such as pages first touched by the
 first batches, shows in minute 1; a leak keeps growing after it). Processes are found through
@@ -208,7 +209,7 @@ def soak(base: str, minutes: int, clients: int, kill: bool = True) -> dict:
         if kill and minute < minutes - 1 and shards:  # none at the very end: nothing would see it
             victim = shards[minute % len(shards)]
             os.kill(victim, signal.SIGKILL)
-            kills.append({"minute": minute + 1, "pid": victim})
+            kills.append({"minute": minute + 1, "pid": victim, "at_s": time.monotonic() - t0})
     stop.set()
     for t in threads:
         t.join(90)
@@ -224,10 +225,31 @@ def soak(base: str, minutes: int, clients: int, kill: bool = True) -> dict:
         "failure_reasons": failures,
         "per_minute": per_minute(results, minutes),
         "shard_kills": kills,
+        "recovery": [recovery(results, kill["at_s"]) for kill in kills],
         "rss_per_minute": readings,
         "rss_drift_pct_from_start": drift(readings, 0),
         "rss_drift_pct_from_minute_2": drift(readings, min(2, len(readings) - 1)),
     }
+
+
+# Throughput around a kill: completions per second over BEFORE_S before it, then in consecutive
+# WINDOW_S windows up to RECOVERY_S after it; recovered when a window reaches RECOVERED x before.
+BEFORE_S, WINDOW_S, RECOVERY_S, RECOVERED = 12.0, 6.0, 30.0, 0.9
+
+
+def recovery(results: list[tuple[float, float, bool]], kill_s: float) -> dict:
+    """Completions/s before a kill and in the windows after it, and when it came back to 90%."""
+
+    def rate(lo: float, hi: float) -> float:
+        return sum(ok and lo <= start + lat < hi for start, lat, ok in results) / (hi - lo)
+
+    before = rate(kill_s - BEFORE_S, kill_s)
+    edges = [kill_s + i * WINDOW_S for i in range(int(RECOVERY_S / WINDOW_S) + 1)]
+    after = [rate(lo, hi) for lo, hi in zip(edges, edges[1:], strict=False)]
+    back = [hi - kill_s for (lo, hi), r in zip(zip(edges, edges[1:], strict=False), after,
+                                               strict=True) if r >= RECOVERED * before]  # fmt: skip
+    return {"before_per_s": round(before, 2), "after_per_s": [round(r, 2) for r in after],
+            "back_to_90pct_within_s": back[0] if back else None}  # fmt: skip
 
 
 def quantile(sorted_values: list[float], q: float) -> float | None:

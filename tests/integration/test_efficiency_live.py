@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 
 import pytest
@@ -143,10 +144,12 @@ def test_a_slowed_shard_raises_the_imbalance_and_the_controller_sees_it(app):
 
 
 def test_more_compute_per_token_lowers_the_communication_fraction(ray_session, tmp_path):
+    """Two deployments side by side, stepped in turn, so that whatever else runs on the machine
+    weighs on both alike; the median of each one's per-step transport share is compared."""
     from serving import load_model
     from tests.conftest import write_hf_checkpoint
 
-    def transport_share(hidden: int, ffn: int) -> float:
+    def deploy(hidden: int, ffn: int):
         path = write_hf_checkpoint(
             tmp_path / f"h{hidden}",
             hidden_size=hidden,
@@ -157,20 +160,26 @@ def test_more_compute_per_token_lowers_the_communication_fraction(ray_session, t
             num_local_experts=4,
             vocab_size=128,
         )
-        model = load_model(path, expert_shards=2, transport="plain")
-        try:
-            accounting = StepAccounting()
-            ids = torch.randint(0, 128, (4, 64))
-            model(ids)  # warm up
-            model.pool.step_time()
-            for _ in range(5):
-                start = time.perf_counter()
-                model(ids)
-                seconds = time.perf_counter() - start
-                accounting.record(seconds, seconds, model.pool.step_time(), 0, ids.numel())
-            return accounting.totals.fractions()["transport"]
-        finally:
-            model.close()
+        return load_model(path, expert_shards=2, transport="plain")
 
-    small, large = transport_share(64, 128), transport_share(512, 2048)
-    assert large < small, (small, large)
+    def transport_share(model, ids) -> float:
+        model.pool.step_time()  # start afresh
+        start = time.perf_counter()
+        model(ids)
+        seconds = time.perf_counter() - start
+        accounting = StepAccounting()
+        accounting.record(seconds, seconds, model.pool.step_time(), 0, ids.numel())
+        return accounting.totals.fractions()["transport"]
+
+    small, large = deploy(64, 128), deploy(512, 2048)
+    try:
+        ids = torch.randint(0, 128, (4, 64))
+        shares: dict[str, list[float]] = {"small": [], "large": []}
+        for _ in range(9):
+            shares["small"].append(transport_share(small, ids))
+            shares["large"].append(transport_share(large, ids))
+    finally:
+        small.close()
+        large.close()
+    medians = {k: statistics.median(v[1:]) for k, v in shares.items()}  # the first warms up
+    assert medians["large"] < medians["small"], shares

@@ -41,9 +41,13 @@ def test_a_calibrated_deployment_gets_reachable_targets(demo_path, tmp_path):
     from serving.plan_cmd import load_model_spec
     from tests.unit import test_calibrate
 
+    # A fixed hardware profile, not `cpu` measured now: the targets must not move with how busy
+    # this machine is while the test runs.
+    hardware = tmp_path / "box.yaml"
+    hardware.write_text(json.dumps(test_calibrate.HW.model_dump(exclude_none=True)))
     flops = 2.0 * load_model_spec(str(demo_path / "config.json")).params().active
     basis = EfficiencyBasis(
-        hardware="cpu", peak_flops=1e11, peak_source="measured", flops_per_token=flops, devices=2
+        hardware="box", peak_flops=1e11, peak_source="measured", flops_per_token=flops, devices=2
     )  # fmt: skip
     test_calibrate.BASIS, saved = basis, test_calibrate.BASIS
     try:
@@ -51,7 +55,7 @@ def test_a_calibrated_deployment_gets_reachable_targets(demo_path, tmp_path):
     finally:
         test_calibrate.BASIS = saved
     measured = json.loads((tmp_path / "bench.json").read_text())["efficiency"]["measured"]
-    config = ServeConfig(hardware="cpu", calibration=path)
+    config = ServeConfig(hardware=str(hardware), calibration=path)
     plan = deployment_plan(config, str(demo_path))
     assert set(plan.efficiency_factor_sources.values()) == {"measured"}
     c = controller_config(config, plan)
@@ -60,13 +64,14 @@ def test_a_calibrated_deployment_gets_reachable_targets(demo_path, tmp_path):
         measured["tokens_per_ms_per_device"], rel=0.01
     )
     # A report of another model is refused (logged: no plan, the controller holds).
-    other = ServeConfig(hardware="cpu", calibration=str(tmp_path / "other.json"))
+    other = ServeConfig(hardware=str(hardware), calibration=str(tmp_path / "other.json"))
     data = json.loads((tmp_path / "bench.json").read_text())
     data["efficiency"]["basis"]["flops_per_token"] *= 3
     (tmp_path / "other.json").write_text(json.dumps(data))
     assert deployment_plan(other, str(demo_path)) is None
-    # A plain cpu plan assumes the seed's factors against GEMM FLOP/s: far above what was measured.
+    # An uncalibrated plan assumes the seed's factors against the GEMM peak: far above what was
+    # measured.
     uncalibrated = controller_config(
-        config, deployment_plan(ServeConfig(hardware="cpu"), str(demo_path))
+        config, deployment_plan(ServeConfig(hardware=str(hardware)), str(demo_path))
     )
     assert uncalibrated.phases[0].tokens_per_ms > 10 * c.phases[0].tokens_per_ms
