@@ -6,7 +6,7 @@ Prints one JSON line per case. For each layer shape and token count, on the same
   dense:       x [T, D] @ [D, 2F] -> SwiGLU -> @ [F, D] repeated top_k times: the same FLOPs
                with no routing, the practical ceiling for the layer's arithmetic
 and, at every size, the HBM bound: all expert weights read once at the measured device copy
-bandwidth (--hbm-tb-s, default 4.3 TB/s measured on an H200), the floor for small batches.
+bandwidth (--hbm-tb-s, default 4.3 TB/s: assumed, not measured), the floor for small batches.
 
 Usage: python scripts/bench_moe_layer.py            (CUDA, bf16: the issue's shapes)
        python scripts/bench_moe_layer.py --tiny     (CPU fp32 smoke run of the same code)

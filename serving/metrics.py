@@ -2,7 +2,8 @@
 
 Metrics go through `ray.util.metrics`: each Ray process that records them hands them to its node's
 metrics agent, which serves them in Prometheus text format on the node's metrics export port
-(http://HOST:PORT/metrics). Facts that shape this module (Ray 2.60, measured, DESIGN.md section 7):
+(http://HOST:PORT/metrics). Facts that shape this module (measured with Ray 2.60, ARCHITECTURE.md
+section 7):
 
 - Exported names carry Ray's prefix: `moe_queue_depth` is scraped as `ray_moe_queue_depth`. Counters
   are named with `_total` here, which the exporter keeps as is (`ray_moe_overflow_tokens_total`);

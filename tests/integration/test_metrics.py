@@ -13,7 +13,7 @@ from tests.integration.metrics_recorder import start_recorder
 
 pytestmark = pytest.mark.ray
 
-SCRAPE_TIMEOUT_S = 45  # metrics appear 5-10 s after recording (DESIGN.md section 7)
+SCRAPE_TIMEOUT_S = 45  # metrics appear 5-10 s after recording (ARCHITECTURE.md section 7)
 
 
 def scrape(port: int) -> str:
