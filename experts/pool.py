@@ -1,17 +1,23 @@
-"""Where a layer's experts run: the small interface the MoE layer talks to, and its local form.
+"""Where a layer's experts run: the interfaces serving uses, and the local pool.
 
 Shape legend: T tokens, K experts per token, N sorted token-expert pairs, S slots, D hidden.
 
-The MoE layer (serving/runner.py) asks a pool two things per layer: which physical slot serves each
+The MoE layer (serving/engine/moe_layer.py) asks a pool two things per layer: which physical slot serves each
 token-expert pair (`assign`), and the expert outputs for pairs already grouped by slot (`compute`).
 `LocalExpertPool` keeps one slot per logical expert in this process; the Ray pool keeps copies of
 experts on ExpertShard actors and answers the same two questions.
+
+`ElasticPool` is the rest of what serving uses of a pool whose experts live on shards: the
+monitor and controller read its balancer and shard count and grow, shrink or rebalance it; the
+engine's operators read its events. It is handed to them where the pool is built, never looked up
+on the model.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -20,6 +26,14 @@ from experts.ffn import ExpertWeights, grouped_swiglu
 from experts.timing import ExpertTime
 from router.dispatch import Dispatch
 from router.gating import Gating
+
+if TYPE_CHECKING:
+    from router.balancer import ExpertLoadBalancer
+
+
+class ExpertUnavailableError(RuntimeError):
+    """An expert has no live copy (its shard is down and being replaced): requests that need it
+    fail fast, and retrying shortly succeeds."""
 
 
 class ExpertPool(Protocol):
@@ -37,7 +51,43 @@ class ExpertPool(Protocol):
 
     def step_time(self) -> ExpertTime:
         """What `compute` measured since the last call (then starts afresh): the step
-        accounting's expert, transport and imbalance time (serving/steptime.py)."""
+        accounting's expert, transport and imbalance time (serving/control/steptime.py)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release what the pool holds outside this process (nothing, for a local pool)."""
+        ...
+
+
+class ElasticPool(ExpertPool, Protocol):
+    """A pool on ExpertShard actors (experts/ray_pool.py), as serving uses it."""
+
+    num_shards: int
+    device: str  # where the shards compute: "cpu" or "cuda"
+    balancer: ExpertLoadBalancer
+    events: list[str]  # what happened (failures, replacements, switches), newest last
+    shards: list[Any]  # the actor handles, in shard order
+
+    @property
+    def shard_request(self) -> tuple[str, float]:
+        """What one more shard asks Ray for: ("GPU" or "CPU", amount)."""
+        ...
+
+    @property
+    def transport_in_use(self) -> str:
+        """How layers reach the shards right now ("compiled" or "plain")."""
+        ...
+
+    def add_shard(self, wait: bool = False) -> threading.Thread:
+        """Grow by one shard in the background; the switch happens between two batches."""
+        ...
+
+    def remove_shard(self, wait: bool = False) -> threading.Thread:
+        """Shrink by one shard in the background, draining it first."""
+        ...
+
+    def rebalance(self, wait: bool = False) -> threading.Thread:
+        """Place experts afresh from the load window, in the background."""
         ...
 
 
@@ -67,7 +117,7 @@ class LocalExpertPool:
         return gating.experts, gating.weights
 
     def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        # On CUDA kernels run asynchronously, so this times their launch; the router's
+        # On CUDA kernels run asynchronously, so this times their launch; the engine's
         # expert-parallel form (ExpertShard on its own device) times the kernels themselves.
         start = time.perf_counter()
         y = grouped_swiglu(x, dispatch.counts, self.layers[layer])
@@ -79,3 +129,6 @@ class LocalExpertPool:
     def step_time(self) -> ExpertTime:
         times, self._times = self._times, ExpertTime()
         return times
+
+    def shutdown(self) -> None:
+        pass  # nothing outside this process

@@ -6,17 +6,16 @@ Per layer the balancer maps each token-expert pair to a physical slot; slots are
 shard, so after dispatch each shard's rows are one contiguous range. The pool sends each shard with
 work its range (one concurrent call per shard), and concatenates the answers in shard order.
 
+The per-layer fan-out (transport) is experts/fanout.py; this module is the pool's lifecycle.
+
 Failure: a call that raises or outlives `call_timeout_s` marks its shard dead; its rows are
 recomputed at once on surviving copies of the same experts (outputs are unchanged), and a
 replacement actor is started and loaded in the background. Only when some expert has no live copy
 does the call fail, fast, with ExpertUnavailableError.
 
-Transport: each layer's fan-out runs through a Ray Compiled Graph (`ray.dag`, compiled once per
-set of actors: measured here ~20x less per-call overhead than plain actor calls for decode-sized
-payloads). The graph takes the placement version as an input, so rebalancing keeps it; a dead or
-replaced shard tears it down, the pool serves through plain actor calls (numpy payloads) meanwhile,
-and recompiles in the background once every shard is live again. Payloads above
-`compiled_max_bytes` (4 MiB: prefill-sized) go through plain calls, which measured as fast there.
+Compiled graph: the fan-out is compiled once per set of actors. It takes the placement version as
+an input, so rebalancing keeps it; a dead or replaced shard tears it down, the pool serves through
+plain actor calls meanwhile, and recompiles in the background once every shard is live again.
 
 Rebalancing: `rebalance()` computes a new placement from the balancer's load window, loads it on
 every shard beside the serving one (shards run two threads), and switches at the start of the next
@@ -29,13 +28,12 @@ import logging
 import threading
 import time
 
-import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayError
 
 from experts.checkpoint import MixtralConfig
-from experts.shard import ExpertShard, from_numpy, to_numpy
+from experts.fanout import CompiledGraph, Fanout
+from experts.shard import ExpertShard
 from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S, ShardResources, wait_for_room
 from experts.timing import ExpertTime
 from router.balancer import ExpertLoadBalancer
@@ -46,14 +44,17 @@ from router.placement import Placement, initial_placement, place_layers
 log = logging.getLogger(__name__)
 
 
-class ExpertUnavailableError(RuntimeError):
-    """An expert has no live copy: requests needing it fail fast until its shard is back."""
-
-
 # The one thin Ray wrapper. Three threads: a compiled graph's loop holds one for as long as the graph
 # lives, a background `prepare` takes another, and plain `compute` calls still get through.
 RemoteShard = ray.remote(max_concurrency=3)(ExpertShard)
 TRANSPORTS = ("compiled", "plain")
+
+
+def ensure_ray() -> None:
+    """Start a local Ray unless one is running (or join RAY_ADDRESS if set). A library call never
+    exposes Ray's dashboard."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
 
 
 class RayExpertPool:
@@ -93,12 +94,11 @@ class RayExpertPool:
         self._replacing: set[int] = set()
         self.events: list[str] = []  # what happened, newest last (failures, switches)
         self.transport = transport
-        # Above this payload per layer, plain calls measured as fast or faster here (BENCHMARKS.md):
-        # the graph's shared-memory channels pay to grow and copy large buffers.
-        self.compiled_max_bytes = compiled_max_bytes
-        self._graph = None  # the compiled fan-out, when live
-        self._graph_lock = threading.Lock()
-        # Step accounting (serving/steptime.py): round trips and each shard's own compute time,
+        # Above compiled_max_bytes per layer, plain calls measured as fast or faster here
+        # (BENCHMARKS.md): the graph's shared-memory channels pay to grow and copy large buffers.
+        self.fanout = Fanout(dtype, call_timeout_s, compiled_max_bytes, self._mark_dead,
+                             self.events)  # fmt: skip
+        # Step accounting (serving/control/steptime.py): round trips and each shard's own compute time,
         # summed until the scheduler takes them after its step. Off: nothing is timed.
         self.timing = True
         self._times = ExpertTime()
@@ -132,166 +132,47 @@ class RayExpertPool:
         """x [N, D] grouped by slot -> [N, D]; one concurrent call per shard with rows."""
         start = time.perf_counter()
         shard_s = [0.0] * self.num_shards  # each shard's own compute time in this layer
-        y = self._compute(layer, x, dispatch, shard_s)
+        # Host row counts: they travel as numpy (the model may be on a GPU).
+        y = self.fanout.run(self.shards, self._dead, self.version, layer,
+                            self.balancer.placement(layer), x, dispatch.counts.cpu(),
+                            shard_s)  # fmt: skip
         if self.timing:
             self._times.add_layer(time.perf_counter() - start, shard_s)
         return y
 
-    def _compute(self, layer, x, dispatch, shard_s: list[float]) -> torch.Tensor:
-        placement, version = self.balancer.placement(layer), self.version
-        # Host copies of the row counts: they travel as numpy (the model may be on a GPU).
-        dispatch = Dispatch(dispatch.pair_idx, dispatch.token_idx, dispatch.counts.cpu())
-        ranges = self._shard_ranges(placement)
-        rows = dispatch.segments(ranges)  # [start, end) of each shard's rows
-        if self._graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
-            y = self._compiled_compute(layer, version, x, dispatch.counts, ranges, rows, shard_s)
-            if y is not None:
-                return y
-        calls = {}
-        for shard, ((first, last), (start, end)) in enumerate(zip(ranges, rows, strict=True)):
-            if end > start and shard not in self._dead:
-                counts = dispatch.counts[first:last].numpy()
-                ref = self.shards[shard].compute.remote(
-                    version, layer, to_numpy(x[start:end]), counts
-                )
-                calls[shard] = (start, end, ref)
-        out = torch.empty_like(x)
-        failed = self._collect(calls, out, shard_s)
-        for shard, ((first, last), (start, end)) in enumerate(zip(ranges, rows, strict=True)):
-            if end > start and (shard in failed or shard not in calls):
-                out[start:end] = self._redirect(layer, version, placement, first, last,
-                                                dispatch.counts, x[start:end], shard_s)  # fmt: skip
-        return out
-
-    # -- transport -----------------------------------------------------------------------------
-
-    def _compiled_compute(
-        self, layer, version, x, counts, ranges, rows, shard_s
-    ) -> torch.Tensor | None:
-        """One execution of the compiled fan-out: every shard gets its rows (maybe none).
-        Returns None when the graph failed; the caller then uses plain calls."""
-        xs = [to_numpy(x[start:end]) for start, end in rows]
-        cs = [counts[first:last].numpy() for first, last in ranges]
-        with self._graph_lock:
-            graph = self._graph
-            if graph is None:
-                return None
-            try:
-                refs = graph.execute(version, layer, *xs, *cs)
-                ys = ray.get(refs, timeout=self.call_timeout_s)
-            except Exception as exc:  # a shard died or hung: plain calls find which
-                self._graph = None
-                self.events.append(f"compiled graph torn down: {type(exc).__name__}")
-                log.warning("compiled graph failed (%s); serving through plain calls", exc)
-                threading.Thread(target=_teardown, args=(graph,), daemon=True).start()
-                return None
-        for s, (_, seconds) in enumerate(ys):
-            shard_s[s] += seconds
-        return torch.cat([from_numpy(y, self.dtype, x.device) for y, _ in ys])
-
     def _compile(self) -> None:
-        """Compile the per-layer fan-out over the current actors (inputs: version, layer, one x
-        and one counts array per shard). Any failure leaves plain calls in charge."""
-        from ray.dag import InputNode, MultiOutputNode
-
-        actors, n = list(self.shards), len(self.shards)
+        """Compile the fan-out over the current actors; any failure leaves plain calls in
+        charge. A graph compiled while the shard set changed is dropped."""
+        actors = list(self.shards)
         try:
-            with InputNode() as inp:
-                outs = [a.compute.bind(inp[0], inp[1], inp[2 + s], inp[2 + n + s])
-                        for s, a in enumerate(actors)]  # fmt: skip
-                # One execution at a time is all the pool needs (each layer waits for its
-                # results). Ray's default of 10 in flight keeps 10 sets of buffers in this process,
-                # ~60 MiB per compile that teardown did not give back (measured: RSS +60 MiB per
-                # shard replacement; with 1, +6 MiB).
-                graph = MultiOutputNode(outs).experimental_compile(_max_inflight_executions=1)
+            graph = CompiledGraph(actors)
         except Exception as exc:
             self.events.append(f"compile failed: {type(exc).__name__}")
             log.warning("compiling the expert fan-out failed (%s); using plain calls", exc)
             return
-        with self._graph_lock:
-            if self._dead or any(a is not b for a, b in zip(actors, self.shards, strict=True)):
-                stale, graph = graph, None  # the shard set changed while compiling
-                threading.Thread(target=_teardown, args=(stale,), daemon=True).start()
-                return
-            self._graph = graph
+        with self._lock:
+            current = not self._dead and all(
+                a is b for a, b in zip(actors, self.shards, strict=True)
+            )
+        if not current:
+            graph.teardown()
+            return
+        self.fanout.set_graph(graph)
         self.events.append("compiled graph ready")
-
-    def _collect(self, calls: dict, out: torch.Tensor, shard_s: list[float]) -> set[int]:
-        """Wait for every call (bounded by the timeout); fill `out` and each shard's compute
-        seconds; return the shards that failed."""
-        failed = set()
-        deadline = time.monotonic() + self.call_timeout_s
-        for shard, (start, end, ref) in calls.items():
-            try:
-                y, seconds = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
-                out[start:end] = from_numpy(y, self.dtype, out.device)
-                shard_s[shard] += seconds
-            except (GetTimeoutError, RayError) as exc:
-                failed.add(shard)
-                self._mark_dead(shard, exc)
-        return failed
-
-    def _redirect(self, layer, version, placement, first, last, counts, x, shard_s) -> torch.Tensor:
-        """Rows of dead slots first..last-1, recomputed on live copies of the same experts."""
-        seg_counts = counts[first:last]
-        slot_of_row = torch.repeat_interleave(torch.arange(first, last), seg_counts)  # [n]
-        alternative = self._live_alternative(layer, placement)  # [P]
-        target = alternative[slot_of_row]  # [n] a live slot holding the same expert
-        order = torch.argsort(target, stable=True)
-        y = torch.empty_like(x)
-        ranges = self._shard_ranges(placement)
-        for shard, (lo, hi) in enumerate(ranges):
-            rows = order[(target[order] >= lo) & (target[order] < hi)]
-            if rows.numel() == 0:
-                continue
-            local = torch.bincount(target[rows] - lo, minlength=hi - lo).numpy()
-            ref = self.shards[shard].compute.remote(version, layer, to_numpy(x[rows]), local)
-            try:
-                out, seconds = ray.get(ref, timeout=self.call_timeout_s)
-                y[rows] = from_numpy(out, self.dtype, x.device)
-                shard_s[shard] += seconds
-            except (GetTimeoutError, RayError) as exc:
-                self._mark_dead(shard, exc)
-                raise ExpertUnavailableError(
-                    f"layer {layer}: shard {shard} failed while covering for another; retry shortly"
-                ) from exc
-        return y
-
-    def _live_alternative(self, layer: int, placement: Placement) -> torch.Tensor:
-        """[P] for each slot, a slot of the same expert on a live shard (itself if live)."""
-        alt = torch.arange(placement.num_slots)
-        dead = set(self._dead)
-        for slot in range(placement.num_slots):
-            if int(placement.slot_shard[slot]) not in dead:
-                continue
-            expert = int(placement.phy2log[slot])
-            live = [
-                s for s in placement.slots_of(expert) if int(placement.slot_shard[s]) not in dead
-            ]
-            if not live:
-                raise ExpertUnavailableError(
-                    f"expert {expert} of layer {layer} has no live copy (shard "
-                    f"{int(placement.slot_shard[slot])} is down and being replaced); retry shortly"
-                )
-            alt[slot] = live[slot % len(live)]
-        return alt
 
     # -- placement and shard lifecycle ---------------------------------------------------------
 
     @property
     def transport_in_use(self) -> str:
         """ "compiled" while the compiled fan-out is live, else "plain"."""
-        return "compiled" if self._graph is not None else "plain"
+        return "compiled" if self.fanout.graph is not None else "plain"
 
     def placements(self) -> list[Placement]:
         return [self.balancer.placement(layer) for layer in range(self.balancer.num_layers)]
 
-    @staticmethod
-    def _shard_ranges(placement: Placement) -> list[tuple[int, int]]:
-        """[first, last) slot range of each shard (slots are numbered shard by shard)."""
-        sizes = placement.slots_per_shard()
-        starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        return [(starts[s], starts[s + 1]) for s in range(len(sizes))]
+    @property
+    def shard_request(self) -> tuple[str, float]:
+        return self.resources.kind, self.shard_amount
 
     def _wait_for_room(self, shards: int) -> None:
         wait_for_room(shards, self.shard_amount, self.resources.kind, self.placement_timeout_s)
@@ -316,10 +197,7 @@ class RayExpertPool:
             if shard in self._dead:
                 return
             self._dead.add(shard)
-        with self._graph_lock:
-            graph, self._graph = self._graph, None
-        if graph is not None:
-            threading.Thread(target=_teardown, args=(graph,), daemon=True).start()
+        self.fanout.set_graph(None)
         self.events.append(f"shard {shard} failed: {type(exc).__name__}")
         log.warning(
             "expert shard %d failed (%s); serving from other copies, replacing it", shard, exc
@@ -427,29 +305,17 @@ class RayExpertPool:
         for actor in removed:
             ray.kill(actor)  # drained: no batch can reach it any more
         if resized:  # the graph names its actors: rebuild it over the new set
-            with self._graph_lock:
-                graph, self._graph = self._graph, None
-            if graph is not None:
-                threading.Thread(target=_teardown, args=(graph,), daemon=True).start()
+            self.fanout.set_graph(None)
             if self.transport == "compiled":
                 threading.Thread(target=self._compile, daemon=True).start()
 
     def shutdown(self) -> None:
-        with self._graph_lock:
-            graph, self._graph = self._graph, None
+        with self.fanout.lock:
+            graph, self.fanout.graph = self.fanout.graph, None
         if graph is not None:
-            _teardown(graph)
+            graph.teardown(background=False)
         for actor in self.shards:
             try:
                 ray.kill(actor)
             except Exception:
                 pass
-
-
-def _teardown(graph) -> None:
-    """Tear a compiled graph down; with a dead actor inside this can take seconds, so callers run
-    it on a background thread."""
-    try:
-        graph.teardown()
-    except Exception as exc:  # already broken: nothing more to release
-        log.info("compiled graph teardown: %s", exc)

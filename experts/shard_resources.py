@@ -10,7 +10,7 @@ every `report_every_s`, and after `timeout_s` the wait ends with one line naming
 what is free, and the flags to change. Without this, an actor that can never be placed waits
 forever and says nothing.
 
-Ray is imported where it is used, so that the in-process path (serving/load.py) stays Ray-free.
+Ray is imported where it is used, so that the in-process path (serving/engine/load.py) stays Ray-free.
 """
 
 from __future__ import annotations

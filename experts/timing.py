@@ -1,5 +1,5 @@
 """ExpertTime: what an expert pool measured while a step ran, for the step accounting
-(serving/steptime.py). Plain numbers only: the planner's command imports it without torch.
+(serving/control/steptime.py). Plain numbers only: the planner's command imports it without torch.
 
 Shape legend: S expert shards.
 """

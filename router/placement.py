@@ -63,6 +63,11 @@ class Placement:
         """Number of slots on each shard: [N]."""
         return torch.bincount(self.slot_shard, minlength=self.num_shards).tolist()
 
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """[first, last) slot range of each shard: slots are numbered shard by shard. [N]"""
+        ends = np.cumsum(self.slots_per_shard()).tolist()
+        return list(zip([0, *ends[:-1]], ends, strict=True))
+
 
 def slot_counts_per_shard(num_slots: int, num_shards: int) -> list[int]:
     """Slots on each shard: P // N each, and one more on the first P % N shards."""

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.app import APP_NAME, application, load_serving_model, model_dir  # noqa: E402
-from serving.bench_cmd import random_prompts, run_load, summarize  # noqa: E402
+from serving.api.app import APP_NAME, application, load_serving_model, model_dir  # noqa: E402
+from serving.cli.bench import random_prompts, run_load, summarize  # noqa: E402
 from serving.config import SchedulerConfig, ServeConfig  # noqa: E402
-from serving.generate import SamplingParams  # noqa: E402
-from serving.scheduler import Scheduler  # noqa: E402
+from serving.engine.sampling import SamplingParams  # noqa: E402
+from serving.engine.scheduler import Scheduler  # noqa: E402
 
 
 def engine_tokens_per_ms(model, sched: SchedulerConfig, prompts, output_len: int) -> dict:

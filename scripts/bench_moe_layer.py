@@ -72,7 +72,7 @@ def build(shape: tuple[int, int, int, int], device: str, dtype: torch.dtype):
 def run_case(
     name: str, shape, tokens: int, device: str, dtype, hbm_tb_s: float, iters: int
 ) -> dict:
-    from serving.runner import moe_layer
+    from serving.engine.moe_layer import moe_layer
 
     d, f, e, k = shape
     cfg, block, pool = build(shape, device, dtype)

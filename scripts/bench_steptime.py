@@ -1,6 +1,6 @@
 """The step accounting's overhead: decode steps with it on and off, side by side in one run.
 
-The accounting (serving/steptime.py) costs, per step, two clock reads and a few additions per MoE
+The accounting (serving/control/steptime.py) costs, per step, two clock reads and a few additions per MoE
 layer in the expert pool and one `StepAccounting.record` in the scheduler. Measured two ways:
   ab:    median seconds per decode step (batch --batch, cache of --context tokens) with the pool's
          timing and `record` on, and with both off, in interleaved rounds; overhead = on/off - 1
@@ -25,8 +25,8 @@ import torch
 
 from experts.timing import ExpertTime
 from serving import load_model
-from serving.demo import demo_checkpoint
-from serving.steptime import StepAccounting
+from serving.control.steptime import StepAccounting
+from serving.engine.demo import demo_checkpoint
 
 
 def decode_steps(model, cache, batch: int, context: int, steps: int, on: bool) -> float:
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the router's setting on 2 cores: one core left to the rest
+    torch.set_num_threads(1)  # the engine's setting on 2 cores: one core left to the rest
     model = load_model(demo_checkpoint(), expert_shards=args.shards)
     try:
         max_len = args.context + args.steps + 1

@@ -86,7 +86,7 @@ def main() -> None:
             server.wait(timeout=120)
         except subprocess.TimeoutExpired:
             server.kill()
-    from serving.demo import demo_checkpoint
+    from serving.engine.demo import demo_checkpoint
 
     model = str(demo_checkpoint() / "config.json")
     pairs = []

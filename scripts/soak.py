@@ -10,7 +10,7 @@ it (when throughput was back to 90%: the recovery goal), and the RSS of every mo
 at the end of every minute (just before that minute's kill) and after the load, with its drift
 from the first reading and from minute 2 on (start-up growth, such as pages first touched by the
 first batches, shows in minute 1; a leak keeps growing after it). Processes are found through
-/proc by the titles Ray gives them: the Serve replicas (Router, Ingress), the ExpertShards (named
+/proc by the titles Ray gives them: the Serve replicas (Engine, Ingress), the ExpertShards (named
 with their pid: each is replaced after a kill), our ControllerActor, and Serve's own controller
 and HTTP proxy. `--no-kills` runs the same load without kills: the control that tells growth
 caused by shard replacement from growth under load. Progress goes to stderr. Not CI: the issue's
@@ -80,7 +80,7 @@ def error_message(raw: str) -> str:
 
 # Ray title prefix -> the name the report gives the process.
 TITLES = {
-    "ray::ServeReplica:moe-serve:Router": "Router",
+    "ray::ServeReplica:moe-serve:Engine": "Engine",
     "ray::ServeReplica:moe-serve:Ingress": "Ingress",
     "ray::ExpertShard": "ExpertShard",
     "ray::ControllerActor": "ControllerActor",

@@ -13,9 +13,82 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving.controller import ControllerConfig
 from serving.errors import UserError
-from serving.metrics import DEFAULT_METRICS_PORT
+
+# moe-serve's metrics port when `moe-serve up` starts Ray (Ray's own default is random). 8080 is
+# what Ray's documentation uses in its Prometheus examples and clashes with neither Serve's HTTP
+# port (8000) nor Ray's dashboard (8265).
+DEFAULT_METRICS_PORT = 8080
+BatchStrategy = Literal["fixed", "throughput", "latency", "adaptive"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PhaseTarget(Frozen):
+    """One planner phase: tokens/ms per device, and whether it is below the ceiling."""
+
+    name: str
+    tokens_per_ms: float = Field(gt=0)
+    feasible: bool = True
+
+
+class FallbackConfig(Frozen):
+    """How far the batch-strategy fallback may go; level L multiplies by factor**L."""
+
+    max_level: int = Field(3, ge=0)
+    factor: float = Field(2.0, gt=1.0)  # step token budget and batch slots, per level
+    batch_wait_ms_per_level: float = Field(5.0, ge=0)
+    # What level 0 is: the scheduler's configured settings (SchedulerConfig below).
+    base_step_token_budget: int = Field(512, gt=0)
+    base_max_batch_slots: int = Field(16, gt=0)
+    base_batch_wait_ms: float = Field(0.0, ge=0)
+
+
+class ControllerConfig(Frozen):
+    """Every threshold of the controller. Targets come from the planner (`config_from_plan`)."""
+
+    period_s: float = Field(10.0, gt=0)
+    phases: tuple[PhaseTarget, ...] = ()
+    phase: str | None = None  # the current phase's name; None: the first feasible one
+    ceiling_tokens_per_ms: float | None = None
+    # The planner's memory limit: sequences of seq_len that fit one device (None: unknown).
+    max_batch: int | None = Field(None, ge=1)
+    seq_len: int = Field(2048, gt=0)
+    shortfall_margin: float = Field(0.10, ge=0, lt=1)
+    surplus_margin: float = Field(0.10, ge=0, lt=1)
+    deep_queue: int = Field(8, ge=1)  # waiting requests from which the queue counts as deep
+    target_cv: float = Field(0.15, gt=0)
+    max_p99_ttft_s: float | None = Field(2.0, gt=0)
+    max_p99_tpot_s: float | None = Field(0.2, gt=0)
+    batch_strategy: BatchStrategy = "adaptive"
+    fallback: FallbackConfig = FallbackConfig()
+    min_devices: int = Field(1, ge=1)
+    confirm_periods: int = Field(3, ge=1)
+    scale_in_periods: int = Field(6, ge=1)
+    revert_periods: int = Field(1, ge=1)
+    cooldown_periods: int = Field(3, ge=0)
+    window_s: float = Field(30.0, gt=0)  # the live tokens/ms sliding window
+
+    @model_validator(mode="after")
+    def _phase_known(self) -> ControllerConfig:
+        if self.phase is None:
+            return self
+        chosen = [p for p in self.phases if p.name == self.phase]
+        if not chosen:
+            known = ", ".join(p.name for p in self.phases) or "none"
+            raise ValueError(f"phase: {self.phase!r} is not a planner phase (known: {known})")
+        if not chosen[0].feasible:
+            raise ValueError(f"phase: {self.phase!r} exceeds the ceiling; choose a feasible phase")
+        return self
+
+    def current_phase(self) -> tuple[int, PhaseTarget] | None:
+        """(1-based number, phase) of the phase in force, or None without feasible phases."""
+        for number, p in enumerate(self.phases, start=1):
+            if p.name == self.phase or (self.phase is None and p.feasible):
+                return number, p
+        return None
 
 
 class SchedulerConfig(BaseModel):
@@ -55,19 +128,19 @@ class LimitsConfig(BaseModel):
 
 
 class MonitoringConfig(BaseModel):
-    """What the router records and whether the controller runs (configs/serve.yaml `monitoring`)."""
+    """What the engine records and whether the controller runs (configs/serve.yaml `monitoring`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # Record the moe_* metrics in the router (serving/metrics.py); off: none from the router.
+    # Record the moe_* metrics in the engine (serving/control/metrics.py); off: none from the engine.
     metrics: bool = True
-    # Run the throughput controller (serving/controller_app.py) beside the router.
+    # Run the throughput controller (serving/control/controller_app.py) beside the engine.
     controller: bool = True
-    # Seconds between the router's slower readings (overflow, expert load) and gauge re-sets;
+    # Seconds between the engine's slower readings (overflow, expert load) and gauge re-sets;
     # gauges expire ~30 s after their last set (ARCHITECTURE.md section 7), so keep it well below.
     period_s: float = Field(5.0, gt=0, le=20)
     # Seconds of steps the step-time breakdown and measured efficiency are taken over (status,
-    # metrics, the controller's view); totals since start are kept as well (serving/steptime.py).
+    # metrics, the controller's view); totals since start are kept as well (serving/control/steptime.py).
     accounting_window_s: float = Field(30.0, gt=0)
     # Seconds spent measuring this machine when `hardware` is "cpu" (at router start).
     cpu_measure_s: float = Field(1.0, gt=0)
@@ -85,7 +158,7 @@ class ServeConfig(BaseModel):
     served_model_name: str | None = None  # the name clients send; default: the directory's name
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    # torch intra-op threads in the router; 0: every core but one, which the HTTP proxy and ingress
+    # torch intra-op threads in the engine; 0: every core but one, which the HTTP proxy and ingress
     # need: with every core, MKL's threads wait on descheduled peers and HTTP throughput fell by a
     # third on 2 cores (BENCHMARKS.md). Set explicitly: Ray forces OMP_NUM_THREADS=1 on an actor
     # that reserves no CPU.

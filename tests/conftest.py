@@ -85,7 +85,7 @@ def hf_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 @pytest.fixture(scope="session")
 def demo_path() -> Path:
-    from serving.demo import demo_checkpoint
+    from serving.engine.demo import demo_checkpoint
 
     return demo_checkpoint()
 
@@ -125,7 +125,7 @@ def serve_http(ray_session) -> str:
     """Ray Serve's HTTP proxy on 127.0.0.1 at a free port, once per run: its base URL."""
     from ray import serve
 
-    from tests.integration.conftest import free_port
+    from tests.support import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

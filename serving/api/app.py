@@ -1,11 +1,11 @@
-"""The Ray Serve application: an HTTP ingress deployment in front of the router deployment.
+"""The Ray Serve application: an HTTP ingress deployment in front of the engine deployment.
 
     HTTP -> Ingress (FastAPI: auth, limits, validation, tokenization, SSE)
-         -> Router (scheduler: continuous batching over the KV cache; the model, whose experts
+         -> Engine (scheduler: continuous batching over the KV cache; the model, whose experts
             live in-process or on ExpertShard actors)
 
 `build_app` is the builder Ray Serve's own tools call (`serve run configs/serve.yaml`, or
-`serve run serving.app:build_app model=DIR`); `moe-serve up` calls `application`.
+`serve run serving.api.app:build_app model=DIR`); `moe-serve up` calls `application`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from experts.pool import ElasticPool
 from serving.config import ServeConfig, config_from_args
+from serving.engine.requests import Admission, Event, Job
 from serving.errors import UserError
 
 APP_NAME = "moe-serve"
+# How often Serve checks, while deleting the app, whether a replica's requests are done. Serve's
+# default (2 s) made a drained shutdown take seconds longer than its requests did.
+GRACEFUL_POLL_S = 0.2
 DEMO_MODEL_NAME = "moe-serve-demo"
 
 
@@ -31,7 +36,7 @@ def model_dir(config: ServeConfig) -> str:
     """The checkpoint directory; the demo is written on the machine that asks (each replica)."""
     if config.model:
         return config.model
-    from serving.demo import demo_checkpoint
+    from serving.engine.demo import demo_checkpoint
 
     return str(demo_checkpoint())
 
@@ -50,7 +55,7 @@ def expert_options(config: ServeConfig) -> dict[str, int]:
     Checked against load_model's signature so that `moe-serve up` fails before deploying, in one
     line, on a build whose load_model does not take them.
     """
-    from serving.load import load_model
+    from serving.engine.load import load_model
 
     wanted = {"expert_shards": config.expert_shards, "redundant_experts": config.redundant_experts}
     extra = {k: v for k, v in wanted.items() if v > 0}
@@ -64,7 +69,7 @@ def expert_options(config: ServeConfig) -> dict[str, int]:
 def load_serving_model(config: ServeConfig):
     import torch
 
-    from serving.load import load_model
+    from serving.engine.load import load_model
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     options: dict = expert_options(config)
@@ -83,35 +88,37 @@ def load_serving_model(config: ServeConfig):
     )
 
 
-@serve.deployment(name="Router")
-class Router:
+@serve.deployment(name="Engine")
+class Engine:
     """Holds the model and the scheduler; every running request shares its decode steps.
 
-    It also records the router's metrics, answers the controller (`counters`, `apply`) and starts
-    it (serving/controller_app.py), as configured by `config.monitoring`.
+    It also records the engine's metrics, answers the controller (`counters`, `apply`) and starts
+    it (serving/control/controller_app.py), as configured by `config.monitoring`.
     """
 
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
-        from serving.controller_app import deployment_plan
-        from serving.monitor import RouterMonitor
-        from serving.scheduler import Scheduler
-        from serving.steptime import StepAccounting
-        from serving.tokenizer import TextTokenizer
+        from serving.control.controller_app import deployment_plan
+        from serving.control.monitor import EngineMonitor
+        from serving.engine.scheduler import Scheduler
+        from serving.engine.tokenizer import TextTokenizer
 
         torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) - 1))
         model = load_serving_model(config)
+        # With shards the model's pool is the Ray pool: handed to whoever operates it.
+        self.pool: ElasticPool | None = model.pool if config.expert_shards else None
         tokenizer = TextTokenizer(model_dir(config))
         self.scheduler = Scheduler(model, config.scheduler, decode=tokenizer.decode)
-        self.scheduler.accounting = StepAccounting(config.monitoring.accounting_window_s)
         plan = deployment_plan(config, model_dir(config))  # targets and the efficiency basis
-        self.monitor = RouterMonitor(
+        self.monitor = EngineMonitor(
             self.scheduler,
+            self.pool,
             _metrics() if config.monitoring.metrics else None,
             on_gpu=config.device.startswith("cuda"),
             period_s=config.monitoring.period_s,
             plan=plan,
+            accounting_window_s=config.monitoring.accounting_window_s,
         )
         self.scheduler.observer = self.monitor.on_step
         self._monitor_task: asyncio.Task | None = None
@@ -123,28 +130,28 @@ class Router:
         if self._monitor_task is None or self._monitor_task.done():
             self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run())
 
-    async def generate(self, job: dict) -> AsyncIterator[dict]:
-        from serving.scheduler import run_job
+    async def generate(self, job: Job) -> AsyncIterator[Admission | list[Event]]:
+        from serving.engine.scheduler import run_job
 
         self._ensure_monitor()
         async for item in run_job(self.scheduler, job):
             yield item
 
     async def counters(self) -> dict:
-        """What the controller reads each period (serving/controller_loop.py Counters)."""
+        """What the controller reads each period (serving/control/controller_loop.py Counters)."""
         self._ensure_monitor()
         return self.monitor.counters().model_dump()
 
     async def apply(self, decision: dict) -> dict:
-        """Carry out a controller decision (serving/controller.py Decision)."""
-        from serving.controller import Decision
+        """Carry out a controller decision (serving/control/controller.py Decision)."""
+        from serving.control.controller import Decision
 
         return self.monitor.apply(Decision.model_validate(decision))
 
     async def status(self) -> dict:
         """The controller's StatusReport (GET /v1/moe/status), or without a controller the
-        router's own figures; either way with the router's step accounting (`efficiency`)."""
-        from serving.controller_loop import StatusReport
+        engine's own figures; either way with the engine's step accounting (`efficiency`)."""
+        from serving.control.controller_loop import StatusReport
 
         if self.controller is not None:
             report = await self.controller.status.remote()
@@ -162,12 +169,12 @@ class Router:
     async def expert_shards(self) -> list:
         """The ExpertShard actor handles in use (empty without shards): for diagnostics and the
         tests' fault hooks (experts/shard.py ExpertShard.set_delay)."""
-        return list(getattr(self.scheduler.model.pool, "shards", []))
+        return list(self.pool.shards) if self.pool is not None else []
 
     async def expert_events(self) -> list[str]:
         """The expert pool's event log (shard failures, replacements, switches), oldest first;
         empty without shards. Operators and the fault tests read it."""
-        return list(getattr(self.scheduler.model.pool, "events", []))
+        return list(self.pool.events) if self.pool is not None else []
 
     async def stats(self) -> dict:
         return self.scheduler.stats() | {"in_flight": self.scheduler.in_flight}
@@ -181,41 +188,41 @@ class Router:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    """The HTTP front: builds the FastAPI app once the replica knows its router."""
+    """The HTTP front: builds the FastAPI app once the replica knows its engine."""
 
-    def __init__(self, router: DeploymentHandle, config: ServeConfig) -> None:
-        from serving.ingress import ModelInfo
+    def __init__(self, engine: DeploymentHandle, config: ServeConfig) -> None:
+        from serving.api.model_info import ModelInfo
 
-        self.router = router
+        self.engine = engine
         self.config = config
         path = model_dir(config)
         named = config.model_copy(update={"served_model_name": served_name(config)})
         self.info = ModelInfo.load(path, named)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from serving.ingress import build_api
+        from serving.api.ingress import build_api
 
         return build_api(self._generate, self._stats, self.info, self.config, self._status)
 
-    def _generate(self, job: dict) -> AsyncIterator[dict]:
-        return self.router.options(stream=True).generate.remote(job)
+    def _generate(self, job: Job) -> AsyncIterator[Admission | list[Event]]:
+        return self.engine.options(stream=True).generate.remote(job)
 
     async def _stats(self) -> dict:
-        return await self.router.stats.remote()
+        return await self.engine.stats.remote()
 
     async def _status(self) -> dict:
-        return await self.router.status.remote()
+        return await self.engine.status.remote()
 
 
 def _metrics():
-    from serving.metrics import Metrics
+    from serving.control.metrics import Metrics
 
     return Metrics()
 
 
 def _start_controller(config: ServeConfig, plan):
     """The app's controller actor, with targets from the deployment's plan."""
-    from serving.controller_app import controller_config, start_app_controller
+    from serving.control.controller_app import controller_config, start_app_controller
 
     app_name = serve.get_replica_context().app_name
     return start_app_controller(controller_config(config, plan), app_name)
@@ -225,11 +232,12 @@ def application(config: ServeConfig) -> Application:
     """The bound application for `serve.run`."""
     ongoing = config.max_ongoing_requests
     gpu = 1 if config.device.startswith("cuda") else 0
-    router = Router.options(
+    engine = Engine.options(
         # Ray Serve's default of 5 would cap the batch (ARCHITECTURE.md section 7); our own
-        # scheduler queue bounds the work, so the router takes everything the ingress sends.
+        # scheduler queue bounds the work, so the engine takes everything the ingress sends.
         max_ongoing_requests=ongoing,
         ray_actor_options={"num_cpus": 0, "num_gpus": gpu},
+        graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
     ).bind(config)
     return Ingress.options(
         max_ongoing_requests=ongoing,
@@ -237,7 +245,8 @@ def application(config: ServeConfig) -> Application:
         max_queued_requests=ongoing,
         backpressure_config={"status_code": 503, "retry_after_s": config.limits.retry_after_s},
         ray_actor_options={"num_cpus": 0},
-    ).bind(router, config)
+        graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
+    ).bind(engine, config)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

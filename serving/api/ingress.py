@@ -1,15 +1,15 @@
 """The OpenAI-compatible HTTP API (FastAPI): auth, body limit, validation, tokenization, streaming.
 
 The ingress turns a request into a job (prompt token ids + sampling parameters) for a backend (the
-router deployment, or a scheduler in-process) and turns the backend's events back into OpenAI
+engine deployment, or a scheduler in-process) and turns the backend's events back into OpenAI
 responses or server-sent events. Every client mistake is a 4xx with OpenAI's error object; a full
 queue, or an expert with no live copy, is a prompt 503 with Retry-After (an error event mid-stream).
 
 Admission is checked twice. The ingress counts the requests it has in flight and refuses, at once,
-one more than the scheduler's capacity (batch slots + queue): measured on 2 busy cores, asking the
-router took a rejection 75 ms median and 122 ms p90, over the 100 ms bound (RELIABILITY.md), because
-the router's process is busy running the model. The router's own check stays authoritative (several
-ingress replicas each see only their share; the controller may lower the slot limit).
+one more than the scheduler's capacity (batch slots + queue): asking the engine made a refusal wait
+for the engine's process, busy running the model (measured in RELIABILITY.md). The engine's own
+check stays authoritative (several ingress replicas each see only their share; the controller may
+lower the slot limit). Responses are written in serving/api/responses.py.
 """
 
 from __future__ import annotations
@@ -17,58 +17,23 @@ from __future__ import annotations
 import hmac
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from serving import protocol as p
+from serving.api import protocol as p
+from serving.api.model_info import ModelInfo
+from serving.api.responses import Output, close, retry_later
 from serving.config import ServeConfig
-from serving.controller_loop import STATUS_PATH
+from serving.engine.requests import Admission, Event, Job
+from serving.engine.sampling import ContextTooLong, SamplingParams, check_context
 from serving.errors import UserError
-from serving.generate import SamplingParams
-from serving.tokenizer import TextTokenizer
 
-# generate(job) -> events (the first says admitted or rejected); stats() -> scheduler numbers.
-Generate = Callable[[dict], AsyncIterator[dict]]
+# generate(job) -> an Admission, then batches of events; stats() -> scheduler numbers.
+Generate = Callable[[Job], AsyncIterator[Admission | list[Event]]]
 Stats = Callable[[], Awaitable[dict]]
-
-
-@dataclass
-class ModelInfo:
-    """What the ingress needs to know about the served model, without its weights."""
-
-    name: str
-    path: str
-    tokenizer: TextTokenizer
-    context: int  # prompt + output tokens one request may use
-    vocab_size: int
-    eos_ids: tuple[int, ...]
-    _token_texts: dict[int, str] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: str, config: ServeConfig) -> ModelInfo:
-        from experts.checkpoint import Checkpoint
-
-        ckpt = Checkpoint(path)
-        c = ckpt.config
-        ckpt.close()
-        return cls(
-            name=config.served_model_name or Path(path).name,
-            path=path,
-            tokenizer=TextTokenizer(path),
-            context=min(config.scheduler.max_seq_len, c.max_position_embeddings),
-            vocab_size=c.vocab_size,
-            eos_ids=c.eos_ids,
-        )
-
-    def token_text(self, token: int) -> str:
-        if token not in self._token_texts:
-            self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
-        return self._token_texts[token]
 
 
 def error_response(err: p.ApiError) -> JSONResponse:
@@ -110,7 +75,7 @@ def build_api(
 
     if status is not None:
 
-        @api.get(STATUS_PATH)
+        @api.get(p.STATUS_PATH)
         async def moe_status(request: Request) -> dict:
             ctx.authorize(request)
             return await status()
@@ -194,7 +159,7 @@ class _Context:
         events = await self._admit(job)
         rid = p.new_id("cmpl")
         echo = (prompt_text if prompt_text is not None else self._decode(ids)) if req.echo else ""
-        out = _Output(self.info, len(ids), echo, self.config.limits.retry_after_s)
+        out = Output(self.info, len(ids), echo, self.config.limits.retry_after_s)
         if req.stream:
             return self._sse(out.completion_stream(events, rid, req.include_usage))
         await out.collect(events)
@@ -215,7 +180,7 @@ class _Context:
         job = self._job(req, ids, limit, "messages", top)
         events = await self._admit(job)
         rid = p.new_id("chatcmpl")
-        out = _Output(self.info, len(ids), retry_after_s=self.config.limits.retry_after_s)
+        out = Output(self.info, len(ids), retry_after_s=self.config.limits.retry_after_s)
         if req.stream:
             return self._sse(out.chat_stream(events, rid, req.include_usage))
         await out.collect(events)
@@ -239,27 +204,15 @@ class _Context:
     def _decode(self, ids: list[int]) -> str:
         return self.info.tokenizer.decode(ids)
 
-    def _job(self, req: Any, ids: list[int], max_tokens: int, where: str, logprobs) -> dict:
+    def _job(self, req: Any, ids: list[int], max_tokens: int, where: str, logprobs) -> Job:
         """Check lengths and stop strings; the job the backend runs."""
-        context = self.info.context
         if not ids:
             raise p.ApiError(400, "the prompt is empty", param=where)
-        if len(ids) >= context:
-            raise p.ApiError(
-                400,
-                f"the prompt has {len(ids)} tokens; the context is {context} tokens "
-                "(prompt + output): shorten it",
-                param=where,
-                code="context_length_exceeded",
-            )
-        if len(ids) + max_tokens > context:
-            raise p.ApiError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                f"{context} tokens: lower max_tokens to at most {context - len(ids)}",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        try:
+            check_context(len(ids), max_tokens, self.info.context)
+        except ContextTooLong as exc:
+            param = where if exc.param == "prompt" else exc.param
+            raise p.ApiError(400, str(exc), param=param, code="context_length_exceeded") from None
         if len(req.stop) > self.config.limits.max_stop_strings:
             raise p.ApiError(
                 400, f"at most {self.config.limits.max_stop_strings} stop strings", param="stop"
@@ -271,14 +224,9 @@ class _Context:
             seed=req.seed,
             stop_token_ids=() if req.ignore_eos else self.info.eos_ids,
         )
-        return {
-            "prompt": ids,
-            "params": params.model_dump(),
-            "stop": req.stop,
-            "logprobs": logprobs,
-        }
+        return Job(tuple(ids), params, tuple(req.stop), logprobs)
 
-    async def _admit(self, job: dict) -> AsyncIterator[dict]:
+    async def _admit(self, job: Job) -> AsyncIterator[list[Event]]:
         """Start the job; a full queue answers 503 with Retry-After before anything is sent."""
         if self.in_flight >= self.capacity:
             raise self._busy(f"{self.in_flight} requests in flight, the queue is full")
@@ -289,10 +237,10 @@ class _Context:
         except BaseException:
             lease.release()
             raise
-        if "rejected" in first:
+        if not first.admitted:
             lease.release()
-            await _close(events)
-            raise self._busy(first["rejected"])
+            await close(events)
+            raise self._busy(first.reason)
         counted = _counted(events, lease)
         weakref.finalize(counted, lease.release)  # a stream dropped unread still frees its place
         return counted
@@ -308,18 +256,6 @@ class _Context:
         )
 
 
-def retry_later(message: str, code: str, retry_after_s: int) -> p.ApiError:
-    """503 with Retry-After: a transient refusal the client should retry."""
-    retry = str(retry_after_s)
-    return p.ApiError(
-        503,
-        f"{message}; retry after {retry} s",
-        "server_overloaded",
-        code=code,
-        headers={"Retry-After": retry},
-    )
-
-
 class _Lease:
     """One admitted request's place in the ingress's count; released exactly once."""
 
@@ -333,130 +269,11 @@ class _Lease:
             self._context = None
 
 
-async def _counted(events: AsyncIterator[dict], lease: _Lease) -> AsyncIterator[dict]:
+async def _counted(events: AsyncIterator[list[Event]], lease: _Lease) -> AsyncIterator[list[Event]]:
     """The backend's events; the lease ends with them (finished, failed or closed early)."""
     try:
         async for event in events:
             yield event
     finally:
         lease.release()
-        await _close(events)
-
-
-async def _close(events: AsyncIterator[dict]) -> None:
-    """Close a backend stream early (its request is then cancelled)."""
-    for name in ("aclose", "cancel"):
-        method = getattr(events, name, None)
-        if method is not None:
-            result = method()
-            if hasattr(result, "__await__"):
-                await result
-            return
-
-
-class _Output:
-    """Accumulates one request's events into text, logprobs, finish reason and usage."""
-
-    def __init__(
-        self, info: ModelInfo, prompt_tokens: int, echo: str = "", retry_after_s: int = 1
-    ) -> None:
-        self.info, self.prompt_tokens, self.echo = info, prompt_tokens, echo
-        self.retry_after_s = retry_after_s
-        self.text, self.finish = "", None
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.tops: list[dict[int, float]] = []
-
-    @property
-    def usage(self) -> dict:
-        return p.usage(self.prompt_tokens, len(self.tokens))
-
-    def add(self, event: dict) -> str:
-        """Record one event; returns its new text. A backend failure raises ApiError: 503 with
-        Retry-After when it is transient (an expert shard being replaced), else 500."""
-        if event.get("error"):
-            if event.get("retryable"):
-                why = f"temporarily unavailable ({event['error']})"
-                raise retry_later(why, "expert_unavailable", self.retry_after_s)
-            raise p.ApiError(500, f"generation failed: {event['error']}", "server_error")
-        if event.get("token") is not None:
-            self.tokens.append(event["token"])
-            if event.get("logprob") is not None:
-                self.logprobs.append(event["logprob"])
-                self.tops.append(event.get("top_logprobs") or {})
-        self.text += event.get("text", "")
-        self.finish = event.get("finish_reason")
-        return event.get("text", "")
-
-    async def collect(self, items: AsyncIterator[dict]) -> None:
-        try:
-            async for item in items:
-                for event in item["events"]:
-                    self.add(event)
-        finally:
-            await _close(items)
-
-    def completion_logprobs(self, start: int = 0, offset: int = 0) -> dict:
-        return p.completion_logprobs(
-            self.tokens[start:],
-            self.logprobs[start:],
-            self.tops[start:],
-            self.info.token_text,
-            offset,
-        )
-
-    def chat_logprobs(self, start: int = 0) -> dict:
-        return p.chat_logprobs(
-            self.tokens[start:], self.logprobs[start:], self.tops[start:], self.info.token_text
-        )
-
-    async def completion_stream(
-        self, events: AsyncIterator[dict], rid: str, include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        name = self.info.name
-        try:
-            if self.echo:
-                yield p.sse(p.completion_chunk(rid, name, self.echo))
-            async for item in events:
-                # One SSE event per token as OpenAI sends them, written in one go per batch.
-                out = b""
-                for event in item["events"]:
-                    n, offset = len(self.tokens), len(self.echo) + len(self.text)
-                    text = self.add(event)
-                    lp = self.completion_logprobs(n, offset) if self.logprobs else None
-                    out += p.sse(p.completion_chunk(rid, name, text, self.finish, lp))
-                yield out
-            if include_usage:
-                yield p.sse(p.usage_chunk(rid, name, "text_completion", self.usage))
-        except p.ApiError as exc:
-            yield p.sse(exc.body())
-        finally:
-            await _close(events)
-        yield p.SSE_DONE
-
-    async def chat_stream(
-        self, events: AsyncIterator[dict], rid: str, include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        name = self.info.name
-        try:
-            # OpenAI's first chunk carries the role and empty content.
-            yield p.sse(p.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
-            async for item in events:
-                out = b""
-                for event in item["events"]:
-                    n = len(self.tokens)
-                    text = self.add(event)
-                    lp = self.chat_logprobs(n) if self.logprobs else None
-                    if text or lp:
-                        out += p.sse(p.chat_chunk(rid, name, {"content": text}, None, lp))
-                    if self.finish is not None:
-                        out += p.sse(p.chat_chunk(rid, name, {}, self.finish))
-                if out:
-                    yield out
-            if include_usage:
-                yield p.sse(p.usage_chunk(rid, name, "chat.completion.chunk", self.usage))
-        except p.ApiError as exc:
-            yield p.sse(exc.body())
-        finally:
-            await _close(events)
-        yield p.SSE_DONE
+        await close(events)

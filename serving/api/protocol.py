@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serving.config import error_path, validation_message
 
+# The controller's report (GET): the running engine's breakdown, targets and last actions.
+STATUS_PATH = "/v1/moe/status"
+
 
 class ApiError(Exception):
     """An error answered with OpenAI's error object: {"error": {message, type, param, code}}."""
@@ -201,17 +204,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def _envelope(rid: str, obj: str, model: str, choice: dict, use: dict | None) -> dict:
+    """OpenAI's response object around one choice."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, **choice}],
+        "usage": use,
+    }
+
+
 def completion_response(
     rid: str, model: str, text: str, finish: str | None, use: dict, logprobs: dict | None = None
 ) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        "usage": use,
-    }
+    choice = {"text": text, "logprobs": logprobs, "finish_reason": finish}
+    return _envelope(rid, "text_completion", model, choice, use)
 
 
 def completion_chunk(
@@ -226,29 +235,15 @@ def chat_response(
     rid: str, model: str, text: str, finish: str | None, use: dict, logprobs: dict | None = None
 ) -> dict:
     message = {"role": "assistant", "content": text}
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        ],
-        "usage": use,
-    }
+    choice = {"message": message, "logprobs": logprobs, "finish_reason": finish}
+    return _envelope(rid, "chat.completion", model, choice, use)
 
 
 def chat_chunk(
     rid: str, model: str, delta: dict, finish: str | None = None, logprobs: dict | None = None
 ) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-        "usage": None,
-    }
+    choice = {"delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return _envelope(rid, "chat.completion.chunk", model, choice, None)
 
 
 def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:

@@ -1,6 +1,6 @@
 """`moe-serve`: one entry point, one subcommand per job.
 
-Each subcommand lives beside the concept it drives and registers itself through
+Each subcommand lives in its own module here (serving/cli/NAME.py) and registers itself through
 `add_subcommand(subparsers)`, setting `func(args) -> int`. A user-facing error anywhere
 (serving/errors.py USER_ERRORS) becomes one line on stderr and exit status 2, so a user never sees
 a traceback for a mistake of theirs or a fault of their checkpoint or cluster.
@@ -21,24 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve top-2 Mixture-of-Experts models on Ray, honestly measured.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    # Imported here so that `moe-serve --help` stays fast and one broken subcommand is visible.
-    from serving import generate_cmd
+    # Imported here, not at the top, so that importing this module stays light.
+    from serving.cli import balance, bench, dashboard, generate, plan, status, up
 
-    generate_cmd.add_subcommand(sub)
-    for name in (
-        "serving.plan_cmd",
-        "serving.balance_cmd",
-        "serving.up_cmd",
-        "serving.bench_cmd",
-        "serving.status_cmd",
-        "serving.dashboard_cmd",
-    ):
-        try:
-            module = __import__(name, fromlist=["add_subcommand"])
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in (generate, plan, balance, up, bench, status, dashboard):
         module.add_subcommand(sub)
     return parser
 

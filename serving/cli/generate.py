@@ -6,10 +6,16 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from serving.errors import UserError
+
+if TYPE_CHECKING:
+    from serving.engine.sampling import SamplingParams
+    from serving.engine.tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,7 +41,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def resolve_model_dir(model: str | None) -> str:
     if model:
         return model
-    from serving.demo import demo_checkpoint
+    from serving.engine.demo import demo_checkpoint
 
     return str(demo_checkpoint())
 
@@ -54,11 +60,10 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from serving.generate import SamplingParams, generate
-    from serving.load import load_model
-    from serving.tokenizer import TextTokenizer
+    """Load the model, generate, and print the text as it grows (or, with --json, one object)."""
+    from serving.engine.generate import generate
+    from serving.engine.load import load_model
+    from serving.engine.tokenizer import TextTokenizer
 
     path = resolve_model_dir(args.model)
     model = load_model(
@@ -74,48 +79,70 @@ def run(args: argparse.Namespace) -> int:
         if args.chat
         else tok.encode(args.prompt)
     )
-    try:
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop_token_ids=model.config.eos_ids,
-        )
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UserError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    params = _sampling_params(args, model.config.eos_ids)
     start = time.perf_counter()
-    out: list[int] = []
-    shown = ""
-    for token in generate(model, ids, params):
-        out.append(token)
-        if not args.json:
-            text = tok.decode(out)
-            # Print only whole characters: a byte-level token may end inside a UTF-8 sequence.
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text[len(shown) :])
-                sys.stdout.flush()
-                shown = text
+    out = _stream(generate(model, ids, params), tok, echo=not args.json)
     elapsed = time.perf_counter() - start
     finish = "stop" if out and out[-1] in params.stop_token_ids else "length"
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "model": path,
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": len(out),
-                    "token_ids": out,
-                    "text": tok.decode(out),
-                    "finish_reason": finish,
-                    "seconds": round(elapsed, 4),
-                }
-            )
-        )
+        _print_json(path, ids, out, tok.decode(out), finish, elapsed)
     else:
         print(
             f"\n[{len(out)} tokens in {elapsed:.2f} s, finish: {finish}, model: {path}]",
             file=sys.stderr,
         )
     return 0
+
+
+def _sampling_params(args: argparse.Namespace, eos_ids: Sequence[int]) -> SamplingParams:
+    """The sampling flags as SamplingParams; a value it refuses is one UserError naming the flag."""
+    from pydantic import ValidationError
+
+    from serving.engine.sampling import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_token_ids=eos_ids,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+
+
+def _stream(tokens: Iterable[int], tok: TextTokenizer, echo: bool) -> list[int]:
+    """Collect the generated token ids; with `echo`, write the text to stdout as it grows."""
+    out: list[int] = []
+    shown = ""
+    for token in tokens:
+        out.append(token)
+        if echo:
+            text = tok.decode(out)
+            # Print only whole characters: a byte-level token may end inside a UTF-8 sequence.
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
+                shown = text
+    return out
+
+
+def _print_json(
+    path: str, ids: list[int], out: list[int], text: str, finish: str, elapsed: float
+) -> None:
+    """The --json result: one object, printed once generation has finished."""
+    print(
+        json.dumps(
+            {
+                "model": path,
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(out),
+                "token_ids": out,
+                "text": text,
+                "finish_reason": finish,
+                "seconds": round(elapsed, 4),
+            }
+        )
+    )

@@ -1,6 +1,6 @@
 """`moe-serve status`: the controller's live view, read from a running server.
 
-It asks `GET {url}/v1/moe/status` (the JSON of serving/controller_loop.py `StatusReport`) and prints
+It asks `GET {url}/v1/moe/status` (the JSON of serving/control/controller_loop.py `StatusReport`) and prints
 live tokens/ms per device against the phase target and the ceiling, the phase, the expert load CV
 and max/mean, where the recent steps' time went (dense, expert, transport, imbalance, bubble), the
 measured efficiency factors beside the plan's, and the last controller actions; `--json` prints
@@ -18,7 +18,8 @@ import urllib.request
 
 from pydantic import ValidationError
 
-from serving.controller_loop import STATUS_PATH, StatusReport
+from serving.api.protocol import STATUS_PATH
+from serving.control.controller_loop import StatusReport
 from serving.errors import UserError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -100,7 +101,7 @@ FACTORS = ("kernel", "communication", "load_imbalance", "pipeline_bubbles")
 
 
 def _efficiency_lines(e: dict) -> list[str]:
-    """The step-time breakdown of the router's window, then measured vs planned factors."""
+    """The step-time breakdown of the engine's window, then measured vs planned factors."""
     fractions, measured, planned = e.get("fractions"), e.get("measured"), e.get("planned")
     if not fractions:
         return ["step time             no steps in the last window"]

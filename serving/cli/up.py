@@ -1,10 +1,11 @@
 """`moe-serve up`: start (or join) Ray, deploy the HTTP application, serve until told to stop.
 
 On Ctrl-C or SIGTERM it (1) stops admitting requests (new ones get 503 with Retry-After), (2) waits
-for the requests in flight to finish, at most `drain_timeout_s`, (3) deletes the application and
-shuts Serve down, and (4) stops the Ray it started (a joined cluster is left running). When it
-starts Ray, the server runs under a supervisor in a session of its own (serving/supervisor.py), so
-that SIGTERM to the whole process group drains the same way.
+for the requests in flight to finish, at most `drain_timeout_s`, (3) deletes the application
+(its replicas finish sending first), and (4) stops the Ray it started, Serve with it (a joined
+cluster is left running). When it starts Ray, the server runs under a supervisor in a session of
+its own (serving/cli/supervisor.py), so that SIGTERM to the whole process group drains the same
+way.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import sys
 import threading
 import time
 
+from serving.cli.supervisor import die_with_supervisor, supervise, supervised
 from serving.config import ServeConfig, load_config, with_overrides
-from serving.metrics import DEFAULT_METRICS_PORT
-from serving.supervisor import die_with_supervisor, supervise, supervised
+from serving.control.metrics import DEFAULT_METRICS_PORT
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +55,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "--address", help="join this Ray cluster (or RAY_ADDRESS) instead of starting one"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="torch device of the router, e.g. cpu or cuda:0")
+    p.add_argument("--device", help="torch device of the engine, e.g. cpu or cuda:0")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
     p.add_argument(
         "--metrics-port",
@@ -104,12 +105,12 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> int:
     from experts.checkpoint import Checkpoint
-    from serving.app import expert_options, model_dir
-    from serving.ingress import ModelInfo
+    from serving.api.app import expert_options, model_dir
+    from serving.api.model_info import ModelInfo
 
     config = resolve_config(args)
     if config.calibration:
-        from serving.calibrate import load_calibration
+        from serving.control.calibrate import load_calibration
 
         load_calibration(config.calibration)  # a bad report fails here, in one line
     # Fail here, in one line, rather than inside a replica: the checkpoint and the options.
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         if not supervised():
             return supervise(args.argv)
         die_with_supervisor()
-    started_ray = _start_ray(address, args.dashboard, config.metrics_port)
+    _start_ray(address, args.dashboard, config.metrics_port)
     stop = _stop_event()  # after ray.init, which installs a SIGTERM handler that exits at once
     try:
         _wait_for_shard_room(config)
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         print("moe-serve up: stopping: draining requests in flight", file=sys.stderr, flush=True)
         _drain(config.drain_timeout_s)
     finally:
-        _shutdown(started_ray)
+        _shutdown()
     print("moe-serve up: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -158,7 +159,7 @@ def _start_ray(address: str | None, dashboard: bool, metrics_port: int) -> bool:
     it (and so must stop it)."""
     import ray
 
-    from serving.metrics import ray_init_kwargs
+    from serving.control.metrics import ray_init_kwargs
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if address:
@@ -170,7 +171,7 @@ def _start_ray(address: str | None, dashboard: bool, metrics_port: int) -> bool:
 
 def _wait_for_shard_room(config: ServeConfig) -> None:
     """Wait, out loud, until the cluster has room for the shards, or fail in one line: inside
-    the router replica the same wait would be invisible here."""
+    the engine replica the same wait would be invisible here."""
     if not config.expert_shards:
         return
     from experts.shard_resources import ShardResources, wait_for_room
@@ -184,14 +185,14 @@ def _wait_for_shard_room(config: ServeConfig) -> None:
 def _deploy(config: ServeConfig) -> None:
     from ray import serve
 
-    from serving.app import APP_NAME, application
+    from serving.api.app import APP_NAME, application
 
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application(config), name=APP_NAME, route_prefix="/", blocking=False)
 
 
 def _announce(config: ServeConfig) -> None:
-    from serving.app import served_name
+    from serving.api.app import served_name
 
     base = f"http://{config.host}:{config.port}"
     auth = ' -H "Authorization: Bearer $MOE_SERVE_API_KEY"' if config.api_key else ""
@@ -211,7 +212,7 @@ def _announce(config: ServeConfig) -> None:
 
 def _announce_metrics(config: ServeConfig) -> None:
     """Where Prometheus scrapes this node, and where the controller's view is."""
-    from serving.metrics import node_metrics_port, prometheus_url
+    from serving.control.metrics import node_metrics_port, prometheus_url
 
     base = f"http://{config.host}:{config.port}"
     try:
@@ -226,15 +227,15 @@ def _drain(timeout_s: float) -> None:
     """Stop admitting, then wait until nothing is in flight or the timeout passes."""
     from ray import serve
 
-    from serving.app import APP_NAME
+    from serving.api.app import APP_NAME
 
     try:
-        router = serve.get_deployment_handle("Router", app_name=APP_NAME)
-        stats = router.drain.remote().result(timeout_s=10)
+        engine = serve.get_deployment_handle("Engine", app_name=APP_NAME)
+        stats = engine.drain.remote().result(timeout_s=10)
         deadline = time.monotonic() + timeout_s
         while stats.get("in_flight", 0) > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-            stats = router.stats.remote().result(timeout_s=10)
+            stats = engine.stats.remote().result(timeout_s=10)
         if stats.get("in_flight", 0) > 0:
             print(
                 f"moe-serve up: {stats['in_flight']} requests still in flight after "
@@ -245,17 +246,17 @@ def _drain(timeout_s: float) -> None:
         print(f"moe-serve up: drain failed: {exc}", file=sys.stderr)
 
 
-def _shutdown(started_ray: bool) -> None:
+def _shutdown() -> None:
     import ray
     from ray import serve
 
-    from serving.app import APP_NAME
+    from serving.api.app import APP_NAME
 
     try:
-        # Deleting the app first lets its replicas finish what they still send (graceful).
+        # Deleting the app first lets its replicas finish what they still send (graceful). Serve
+        # itself goes with the Ray we started (ray.shutdown below stops its controller and
+        # proxies); a joined cluster keeps its Serve instance and other apps.
         serve.delete(APP_NAME)
-        if started_ray:
-            serve.shutdown()  # a joined cluster keeps its Serve instance and other apps
     except Exception as exc:  # Ray's own shutdown below still stops everything we started
         print(f"moe-serve up: Serve shutdown: {exc}", file=sys.stderr)
     finally:

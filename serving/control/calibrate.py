@@ -1,9 +1,9 @@
 """Calibration: the planner's assumed factors replaced by factors measured on a running deployment.
 
 `moe-serve bench --json` against a moe-serve server records, beside its client-side figures, an
-`efficiency` section: the step accounting of exactly the benchmark's window (serving/steptime.py),
+`efficiency` section: the step accounting of exactly the benchmark's window (serving/control/steptime.py),
 the basis that turns it into planner terms, the measured factors and the fitted step model
-(serving/efficiency.py). Here such a report becomes plan options:
+(serving/control/efficiency.py). Here such a report becomes plan options:
 
   1. the step model predicts every part's seconds per step at the batch asked for (by default the
      report's own), keeping the report's mix of prompt and decode tokens per decode row;
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from serving.capacity import HardwareSpec, PlanOptions
-from serving.efficiency import (
+from serving.control.capacity import HardwareSpec, PlanOptions
+from serving.control.efficiency import (
     EfficiencyBasis,
     Measured,
     StepModel,
@@ -39,8 +39,8 @@ from serving.efficiency import (
     predict,
     relative_error,
 )
+from serving.control.steptime import StepTotals
 from serving.errors import UserError
-from serving.steptime import StepTotals
 
 
 class Frozen(BaseModel):
@@ -51,7 +51,7 @@ class Calibration(Frozen):
     """The parts of a bench report's `efficiency` section that calibration reads."""
 
     basis: EfficiencyBasis
-    measured: Measured  # the benchmark's window, as measured by the router
+    measured: Measured  # the benchmark's window, as measured by the engine
     step_model: StepModel
     totals: dict  # serving.steptime.StepTotals.to_json(): what pooling adds up
 

@@ -1,8 +1,10 @@
 """The honest capacity planner: what an MoE model can do per GPU, derived, with its proof.
 
-`plan(model, hardware, options) -> Plan` is a pure function; serving/plan_cmd.py loads files and
-renders reports around it. Units: FLOP/s, parameters and bytes as plain numbers, GB = 1e9 bytes,
-bandwidth in GB/s per GPU per direction, throughput in tokens/ms per GPU unless named aggregate.
+`plan(model, hardware, options) -> Plan` is a pure function; serving/cli/plan.py loads files and
+renders reports around it. Its inputs and outputs (ModelSpec, HardwareSpec, PlanOptions, Plan) are
+defined in serving/control/plan_types.py and imported here. Units: FLOP/s, parameters and bytes as
+plain numbers, GB = 1e9 bytes, bandwidth in GB/s per GPU per direction, throughput in tokens/ms per
+GPU unless named aggregate.
 
 Formulas (reports print this section):
   F1 ceiling = peak / (2 x active params) / 1000. peak = the measured dense GEMM FLOP/s where
@@ -45,10 +47,17 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
-
+from serving.control.plan_types import (
+    EfficiencyFactors,
+    HardwareSpec,
+    MemoryRow,
+    ModelSpec,
+    ParamCount,
+    Phase,
+    Plan,
+    PlanOptions,
+)
 from serving.errors import UserError
 
 LOSSES = ("communication", "load_imbalance", "pipeline_bubbles")
@@ -59,197 +68,6 @@ OPTIMISATIONS = {
     "load_imbalance": "EPLB-style replication of hot experts",
     "pipeline_bubbles": "more micro-batches per pipeline flush",
 }
-
-Loss = Annotated[float, Field(ge=0.0, lt=1.0)]
-Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ParamCount(Frozen):
-    active: float
-    total: float
-    experts: float  # all experts of all layers, the part expert parallelism shards
-    source: Literal["stated", "from dimensions"]
-
-
-class ModelSpec(Frozen):
-    """A top-k MoE model (Hugging Face Mixtral field names); dims, or params stated directly."""
-
-    name: str = "model"
-    num_local_experts: PositiveInt
-    num_experts_per_tok: PositiveInt
-    vocab_size: PositiveInt | None = None
-    hidden_size: PositiveInt | None = None
-    intermediate_size: PositiveInt | None = None
-    num_hidden_layers: PositiveInt | None = None
-    num_attention_heads: PositiveInt | None = None
-    num_key_value_heads: PositiveInt | None = None
-    head_dim: PositiveInt | None = None
-    tie_word_embeddings: bool = False
-    max_position_embeddings: PositiveInt | None = None
-    active_params: PositiveFloat | None = None  # stated directly; wins over the dimensions
-    total_params: PositiveFloat | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelSpec:
-        if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError("num_experts_per_tok: exceeds num_local_experts")
-        for name in ("active_params", "total_params"):
-            if not self.has_dims and getattr(self, name) is None:
-                raise ValueError(f"{name}: state it, or give all dimensions to derive it")
-        return self
-
-    @property
-    def has_dims(self) -> bool:
-        dims = (self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers)
-        heads = (self.num_attention_heads, self.num_key_value_heads)
-        return None not in dims + heads
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    def params(self) -> ParamCount:
-        """Active per token and total parameters; stated figures win over the dimensions."""
-        if self.has_dims:
-            d, e, k = self.hidden_size, self.num_local_experts, self.num_experts_per_tok
-            q = self.num_attention_heads * self.head_size
-            attention = 2 * d * q + 2 * d * self.num_key_value_heads * self.head_size
-            expert = 3 * d * self.intermediate_size  # w1, w3 [F, D] and w2 [D, F]
-            shared = attention + d * e + 2 * d  # + gate [E, D] + two RMSNorms
-            embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-            layers, tail = self.num_hidden_layers, embeddings + d  # + final norm
-            active = layers * (shared + k * expert) + tail
-            total, experts = layers * (shared + e * expert) + tail, layers * e * expert
-        else:
-            # Solve active = dense + k x per-expert, total = dense + E x per-expert.
-            active, total = self.active_params, self.total_params
-            e, k = self.num_local_experts, self.num_experts_per_tok
-            experts = e * (total - active) / (e - k) if e > k else 0.0
-        stated = self.active_params is not None
-        return ParamCount(
-            active=self.active_params or active,
-            total=self.total_params or total,
-            experts=experts,
-            source="stated" if stated else "from dimensions",
-        )
-
-
-class HardwareSpec(Frozen):
-    """One accelerator and its links: spec figures, and measured ones where known."""
-
-    name: str
-    peak_flops: PositiveFloat  # dense spec FLOP/s in flops_dtype
-    measured_flops: PositiveFloat | None = None  # a dense GEMM micro-benchmark
-    flops_dtype: str = "bf16"
-    hbm_gb: PositiveFloat
-    hbm_bandwidth_gb_s: PositiveFloat
-    # What copies reach in practice: measured for `cpu`, assumed in a profile unless it says
-    # otherwise. Informational: no formula reads it.
-    effective_hbm_bandwidth_gb_s: PositiveFloat | None = None
-    intra_node_gb_s: PositiveFloat  # per GPU, each direction
-    inter_node_gb_s: PositiveFloat  # per GPU, each direction
-    gpus_per_node: PositiveInt
-
-    def peak(self) -> tuple[float, str]:
-        """The peak the ceiling uses: measured where given (what kernels reach), else spec."""
-        if self.measured_flops is not None:
-            return self.measured_flops, "measured"
-        return self.peak_flops, "spec"
-
-
-class PlanOptions(Frozen):
-    target_tokens_per_ms: PositiveFloat | None = None  # per GPU
-    aggregate_target_tokens_per_ms: PositiveFloat | None = None
-    gpus: PositiveInt | None = None  # GPUs sharing the aggregate target
-    ep: PositiveInt = 1
-    pp: PositiveInt = 1
-    micro_batches: PositiveInt = 1
-    seq_lens: tuple[PositiveInt, ...] = (128, 512, 2048, 4096, 10240)
-    batch: PositiveInt = 1
-    cv: Annotated[float, Field(ge=0.0)] = 0.15  # seed target for the load CV
-    overlap: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0  # conservative: nothing hidden
-    # Defaults, marked "given": the seed's three losses, and the kernel factor implied by the
-    # seed's 37.7% overall (0.377 / (0.58 x 0.88 x 0.82) = 0.90). "derived" asks for F4-F6.
-    kernel: Fraction = 0.90
-    communication: Loss | Literal["derived"] = 0.42
-    load_imbalance: Loss | Literal["derived"] = 0.12
-    pipeline_bubbles: Loss | Literal["derived"] = 0.18
-    # Figures promised elsewhere, (name, tokens/ms per GPU), e.g. the seed's ("phase 2", 44).
-    claims: tuple[tuple[str, PositiveFloat], ...] = ()
-    checkpoint_above: PositiveInt = 2048
-    usable_hbm_fraction: Fraction = 0.90  # CUDA context, allocator slack, NCCL buffers
-    bytes_per_value: PositiveFloat = 2.0  # bf16 weights, KV cache and activations
-    measured_from: str | None = None  # a bench report the four factors were measured in
-
-    @model_validator(mode="after")
-    def _check(self) -> PlanOptions:
-        if self.target_tokens_per_ms and self.aggregate_target_tokens_per_ms:
-            raise ValueError(
-                "target_tokens_per_ms: give a per-GPU or an aggregate target, not both"
-            )
-        if self.gpus is not None and self.aggregate_target_tokens_per_ms is None:
-            raise ValueError("gpus: only meaningful with an aggregate target")
-        return self
-
-
-class EfficiencyFactors(Frozen):
-    kernel: float
-    communication: float
-    load_imbalance: float
-    pipeline_bubbles: float
-
-    def product(self) -> float:
-        losses = (self.communication, self.load_imbalance, self.pipeline_bubbles)
-        return self.kernel * math.prod(1.0 - x for x in losses)
-
-
-class Phase(Frozen):
-    name: str
-    tokens_per_ms: float
-    conditions: tuple[str, ...]
-    feasible: bool
-
-
-class MemoryRow(Frozen):
-    seq_len: int
-    weights_gb: float
-    kv_cache_gb: float
-    activations_gb: float
-    total_gb: float
-    checkpointing: bool
-    max_batch: int  # sequences of this length that fit the usable HBM
-    fits: bool  # the requested batch fits
-
-
-class Plan(Frozen):
-    model: str
-    hardware: str
-    peak_flops_used: float
-    peak_source: Literal["measured", "spec"]
-    active_params: float
-    active_params_source: Literal["stated", "from dimensions"]
-    total_params: float
-    ceiling_tokens_per_ms: float
-    efficiency: float
-    efficiency_factors: EfficiencyFactors
-    efficiency_factor_sources: dict[str, Literal["given", "derived", "measured"]]
-    derived_estimates: dict[str, float]  # F4-F6 where computable, even when a factor is given
-    realistic_tokens_per_ms: float
-    target_tokens_per_ms: float | None
-    aggregate_target_tokens_per_ms: float | None
-    gpus_needed: int | None
-    feasible: bool | None
-    required_efficiency: float | None
-    required_scaling: float | None
-    risk: Literal["critical", "high", "ok"] | None
-    proof: tuple[str, ...]
-    phases: tuple[Phase, ...]
-    memory: tuple[MemoryRow, ...]
-    options: PlanOptions  # what was asked, so a saved plan can be reproduced
 
 
 def ceiling_tokens_per_ms(peak_flops: float, active_params: float) -> float:
@@ -327,12 +145,7 @@ def plan(model: ModelSpec, hardware: HardwareSpec, options: PlanOptions) -> Plan
     peak, peak_source = hardware.peak()
     params = model.params()
     ceiling = ceiling_tokens_per_ms(peak, params.active)
-    proof = [
-        f"peak = {peak / 1e12:.4g} TFLOP/s dense {hardware.flops_dtype} ({peak_source} figure)",
-        f"FLOPs per token = 2 x {params.active:.3g} active params ({params.source})"
-        f" = {2 * params.active / 1e9:.1f} GFLOP",
-        f"ceiling = {peak:.3g} / {2 * params.active:.3g} = {ceiling:.1f} tokens/ms per GPU",
-    ]
+    proof = _ceiling_lines(peak, peak_source, hardware.flops_dtype, params, ceiling)
     # 2. Efficiency factors: given, or derived from the deployment (F4-F6).
     factors, sources, derived = _factors(model, hardware, options, peak)
     efficiency, realistic = factors.product(), ceiling * factors.product()
@@ -342,28 +155,20 @@ def plan(model: ModelSpec, hardware: HardwareSpec, options: PlanOptions) -> Plan
         f"realistic = {ceiling:.1f} x {efficiency:.3f} = {realistic:.1f} tokens/ms per GPU"
     )
     # 3. The target: per GPU as given, or an aggregate shared by --gpus.
-    target, gpus_needed = options.target_tokens_per_ms, None
-    agg = options.aggregate_target_tokens_per_ms
-    if agg is not None:
-        gpus_needed = math.ceil(agg / realistic)
-        target = agg / options.gpus if options.gpus else None
-        proof.append(
-            f"aggregate {agg:.1f} tokens/ms / {realistic:.1f} per GPU = "
-            f"{agg / realistic:.2f} -> {gpus_needed} GPUs (communication as at ep={options.ep})"
-        )
+    target, gpus_needed, target_lines = _target(options, realistic)
+    proof += target_lines
     verdict = _verdict(target, ceiling, realistic)
     proof += verdict.pop("lines")
     # 4. Phases, each checked against the ceiling; then memory per sequence length.
+    agg = options.aggregate_target_tokens_per_ms
     phases = _phases(ceiling, factors, sources, target, agg, gpus_needed, options)
-    memory: tuple[MemoryRow, ...] = ()
-    if model.has_dims:
-        memory = tuple(memory_row(model, hardware, options, s) for s in options.seq_lens)
-    else:
-        proof.append("memory: not computed, the model states no dimensions")
-    for p in (p for p in phases if not p.feasible):
-        proof.append(
-            f"{p.name}: {p.tokens_per_ms:.1f} exceeds the ceiling {ceiling:.1f}: infeasible"
-        )
+    memory, memory_lines = _memory(model, hardware, options)
+    proof += memory_lines
+    proof += [
+        f"{p.name}: {p.tokens_per_ms:.1f} exceeds the ceiling {ceiling:.1f}: infeasible"
+        for p in phases
+        if not p.feasible
+    ]
     return Plan(
         model=model.name,
         hardware=hardware.name,
@@ -387,6 +192,43 @@ def plan(model: ModelSpec, hardware: HardwareSpec, options: PlanOptions) -> Plan
         options=options,
         **verdict,
     )
+
+
+def _ceiling_lines(
+    peak: float, peak_source: str, dtype: str, params: ParamCount, ceiling: float
+) -> list[str]:
+    """F1's proof: the peak used, the FLOPs per token, and their quotient."""
+    return [
+        f"peak = {peak / 1e12:.4g} TFLOP/s dense {dtype} ({peak_source} figure)",
+        f"FLOPs per token = 2 x {params.active:.3g} active params ({params.source})"
+        f" = {2 * params.active / 1e9:.1f} GFLOP",
+        f"ceiling = {peak:.3g} / {2 * params.active:.3g} = {ceiling:.1f} tokens/ms per GPU",
+    ]
+
+
+def _target(options: PlanOptions, realistic: float) -> tuple[float | None, int | None, list[str]]:
+    """The per-GPU target (as given, or an aggregate's share of --gpus) and, for an aggregate,
+    F9's GPU count at the realistic figure with its proof line."""
+    agg = options.aggregate_target_tokens_per_ms
+    if agg is None:
+        return options.target_tokens_per_ms, None, []
+    gpus_needed = math.ceil(agg / realistic)
+    target = agg / options.gpus if options.gpus else None
+    line = (
+        f"aggregate {agg:.1f} tokens/ms / {realistic:.1f} per GPU = "
+        f"{agg / realistic:.2f} -> {gpus_needed} GPUs (communication as at ep={options.ep})"
+    )
+    return target, gpus_needed, [line]
+
+
+def _memory(
+    model: ModelSpec, hardware: HardwareSpec, options: PlanOptions
+) -> tuple[tuple[MemoryRow, ...], list[str]]:
+    """F8 at every planned sequence length; without the model's dimensions, none, and a proof
+    line that says so."""
+    if not model.has_dims:
+        return (), ["memory: not computed, the model states no dimensions"]
+    return tuple(memory_row(model, hardware, options, s) for s in options.seq_lens), []
 
 
 def _factors(

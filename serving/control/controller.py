@@ -1,7 +1,7 @@
 """The controller's decisions: live tokens/ms per device against the planner's phased targets.
 
 `decide(state, observation, config) -> (Decision, new state)` is pure: no clock, no I/O, no Ray.
-serving/controller_loop.py runs it every period (reading counters, applying, logging, counting).
+serving/control/controller_loop.py runs it every period (reading counters, applying, logging, counting).
 
 Each period one action is proposed; the first rule that holds wins:
   1. no live measurement or no phase target             -> hold
@@ -30,86 +30,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from serving.capacity import Plan, PlanOptions
+from serving.config import BatchStrategy, ControllerConfig, FallbackConfig, PhaseTarget
+from serving.control.capacity import Plan, PlanOptions
+
+__all__ = ["BatchStrategy", "ControllerConfig", "FallbackConfig", "PhaseTarget", "decide"]
 
 Action = Literal["hold", "scale_out", "scale_in", "batch_fallback", "revert_fallback", "rebalance"]
 ACTIONS: tuple[str, ...] = Action.__args__
-BatchStrategy = Literal["fixed", "throughput", "latency", "adaptive"]
 
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class PhaseTarget(Frozen):
-    """One planner phase: tokens/ms per device, and whether it is below the ceiling."""
-
-    name: str
-    tokens_per_ms: float = Field(gt=0)
-    feasible: bool = True
-
-
-class FallbackConfig(Frozen):
-    """How far the batch-strategy fallback may go; level L multiplies by factor**L."""
-
-    max_level: int = Field(3, ge=0)
-    factor: float = Field(2.0, gt=1.0)  # step token budget and batch slots, per level
-    batch_wait_ms_per_level: float = Field(5.0, ge=0)
-    # What level 0 is: the scheduler's configured settings (serving/config.py SchedulerConfig).
-    base_step_token_budget: int = Field(512, gt=0)
-    base_max_batch_slots: int = Field(16, gt=0)
-    base_batch_wait_ms: float = Field(0.0, ge=0)
-
-
-class ControllerConfig(Frozen):
-    """Every threshold of the controller. Targets come from the planner (`config_from_plan`)."""
-
-    period_s: float = Field(10.0, gt=0)
-    phases: tuple[PhaseTarget, ...] = ()
-    phase: str | None = None  # the current phase's name; None: the first feasible one
-    ceiling_tokens_per_ms: float | None = None
-    # The planner's memory limit: sequences of seq_len that fit one device (None: unknown).
-    max_batch: int | None = Field(None, ge=1)
-    seq_len: int = Field(2048, gt=0)
-    shortfall_margin: float = Field(0.10, ge=0, lt=1)
-    surplus_margin: float = Field(0.10, ge=0, lt=1)
-    deep_queue: int = Field(8, ge=1)  # waiting requests from which the queue counts as deep
-    target_cv: float = Field(0.15, gt=0)
-    max_p99_ttft_s: float | None = Field(2.0, gt=0)
-    max_p99_tpot_s: float | None = Field(0.2, gt=0)
-    batch_strategy: BatchStrategy = "adaptive"
-    fallback: FallbackConfig = FallbackConfig()
-    min_devices: int = Field(1, ge=1)
-    confirm_periods: int = Field(3, ge=1)
-    scale_in_periods: int = Field(6, ge=1)
-    revert_periods: int = Field(1, ge=1)
-    cooldown_periods: int = Field(3, ge=0)
-    window_s: float = Field(30.0, gt=0)  # the live tokens/ms sliding window
-
-    @model_validator(mode="after")
-    def _phase_known(self) -> ControllerConfig:
-        if self.phase is None:
-            return self
-        chosen = [p for p in self.phases if p.name == self.phase]
-        if not chosen:
-            known = ", ".join(p.name for p in self.phases) or "none"
-            raise ValueError(f"phase: {self.phase!r} is not a planner phase (known: {known})")
-        if not chosen[0].feasible:
-            raise ValueError(f"phase: {self.phase!r} exceeds the ceiling; choose a feasible phase")
-        return self
-
-    def current_phase(self) -> tuple[int, PhaseTarget] | None:
-        """(1-based number, phase) of the phase in force, or None without feasible phases."""
-        for number, p in enumerate(self.phases, start=1):
-            if p.name == self.phase or (self.phase is None and p.feasible):
-                return number, p
-        return None
-
-
 class Observation(Frozen):
-    """What the controller sees each period (serving/controller_loop.py builds it)."""
+    """What the controller sees each period (serving/control/controller_loop.py builds it)."""
 
     tokens_per_ms_per_device: float | None  # live, sliding window; None before two samples
     devices: int = Field(ge=1)
@@ -121,7 +58,7 @@ class Observation(Frozen):
     can_scale_out: bool = False  # the cluster has room for one more shard or replica
     can_scale_in: bool = False  # the deployment may lose one (above its configured minimum)
     can_rebalance: bool = True  # False while a rebalance is in flight, or without shards
-    # The router's step-time breakdown (serving/steptime.py PARTS -> share of step time) and the
+    # The engine's step-time breakdown (serving/control/steptime.py PARTS -> share of step time) and the
     # measured efficiency; None before any step.
     step_fractions: dict[str, float] | None = None
     measured_efficiency: float | None = None
@@ -354,8 +291,8 @@ def plan_for(
 ) -> Plan:
     """plan() for a model and hardware profile given as `moe-serve plan` takes them (a name, a
     YAML or a checkpoint's config.json; `cpu` is measured for `cpu_seconds`)."""
-    from serving import capacity
-    from serving.plan_cmd import load_hardware_spec, load_model_spec
+    from serving.control import capacity
+    from serving.control.specs import load_hardware_spec, load_model_spec
 
     spec = load_model_spec(model)
     hw = load_hardware_spec(hardware, seconds=cpu_seconds)

@@ -1,12 +1,12 @@
 """The controller of a deployed app: its config (planner targets for the model and hardware) and
-the Ray actor that runs it against the app's Router deployment.
+the Ray actor that runs it against the app's Engine deployment.
 
-The controller runs in its own actor (serving/controller_loop.py `ControllerActor`, restarted by
-Ray when it dies), started by the Router replica and owned by it: deleting the app stops it too.
-Each period it reads the Router's counters and sends it decisions through a Serve
-DeploymentHandle (`Router.counters`, `Router.apply`); the Router carries them out
-(serving/monitor.py). With several Router replicas each call reaches one of them: the controller
-is meant for one Router replica (the default).
+The controller runs in its own actor (serving/control/controller_loop.py `ControllerActor`, restarted by
+Ray when it dies), started by the Engine replica and owned by it: deleting the app stops it too.
+Each period it reads the Engine's counters and sends it decisions through a Serve
+DeploymentHandle (`Engine.counters`, `Engine.apply`); the Engine carries them out
+(serving/control/monitor.py). With several Engine replicas each call reaches one of them: the controller
+is meant for one Engine replica (the default).
 """
 
 from __future__ import annotations
@@ -16,24 +16,24 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.capacity import Plan
 from serving.config import ServeConfig
-from serving.controller import ControllerConfig, Decision, config_from_plan
-from serving.controller_loop import CONTROLLER_NAME, Counters, start_controller
+from serving.control.capacity import Plan
+from serving.control.controller import ControllerConfig, Decision, config_from_plan
+from serving.control.controller_loop import CONTROLLER_NAME, Counters, start_controller
 
 log = logging.getLogger("moe_serve.controller")
 
-ROUTER_DEPLOYMENT = "Router"
+ENGINE_DEPLOYMENT = "Engine"
 CALL_TIMEOUT_S = 30.0
 
 
 def deployment_plan(config: ServeConfig, model_path: str) -> Plan | None:
     """The plan for the model on `config.hardware` (`cpu` is measured now), with the factors
-    measured in `config.calibration` where given (serving/calibrate.py). A failure is logged and
+    measured in `config.calibration` where given (serving/control/calibrate.py). A failure is logged and
     gives None: serving goes on, the controller holds, the measured factors are not computed."""
-    from serving import capacity
-    from serving.calibrate import calibrated_options, load_calibration, prediction
-    from serving.plan_cmd import load_hardware_spec, load_model_spec
+    from serving.control import capacity
+    from serving.control.calibrate import calibrated_options, load_calibration, prediction
+    from serving.control.specs import load_hardware_spec, load_model_spec
 
     try:
         spec = load_model_spec(str(Path(model_path) / "config.json"))
@@ -70,27 +70,27 @@ def controller_name(app_name: str) -> str:
     return f"{CONTROLLER_NAME}:{app_name}"
 
 
-def _router(app_name: str):
+def _engine(app_name: str):
     from ray import serve
 
-    return serve.get_deployment_handle(ROUTER_DEPLOYMENT, app_name=app_name)
+    return serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name)
 
 
 def _counters_reader(app_name: str) -> Callable[[], Counters]:
-    router = _router(app_name)
+    engine = _engine(app_name)
 
     def read() -> Counters:
-        data = router.counters.remote().result(timeout_s=CALL_TIMEOUT_S)
+        data = engine.counters.remote().result(timeout_s=CALL_TIMEOUT_S)
         return Counters.model_validate(data)
 
     return read
 
 
 def _applier(app_name: str) -> Callable[[Decision], None]:
-    router = _router(app_name)
+    engine = _engine(app_name)
 
     def apply(decision: Decision) -> None:
-        router.apply.remote(decision.model_dump(mode="json")).result(timeout_s=CALL_TIMEOUT_S)
+        engine.apply.remote(decision.model_dump(mode="json")).result(timeout_s=CALL_TIMEOUT_S)
 
     return apply
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.controller import (
+from serving.control.controller import (
     ControllerConfig,
     ControllerState,
     Decision,
@@ -39,7 +39,6 @@ from serving.controller import (
 logger = logging.getLogger("moe_serve.controller")
 
 CONTROLLER_NAME = "moe-serve-controller"
-STATUS_PATH = "/v1/moe/status"
 HISTORY = 20  # actions kept for the status report
 
 
@@ -54,10 +53,10 @@ class Counters(Frozen):
     # Cumulative prompt + output tokens run: the planner's unit, the rate the controller uses
     # where given (None: an app that does not count them; the output tokens stand in).
     tokens_processed: int | None = Field(None, ge=0)
-    # The step-time breakdown of the router's recent window (serving/steptime.py PARTS).
+    # The step-time breakdown of the engine's recent window (serving/control/steptime.py PARTS).
     step_fractions: dict[str, float] | None = None
     measured_efficiency: float | None = None  # tokens/ms per device over the ceiling
-    gpus: int = Field(0, ge=0)  # GPUs in use by the router and the expert shards
+    gpus: int = Field(0, ge=0)  # GPUs in use by the engine and the expert shards
     cpu_shards: int = Field(0, ge=0)  # expert shards on CPU, each counted as a device
     queue_depth: int = Field(0, ge=0)
     expert_load_cv: float | None = None  # worst layer: ExpertLoadBalancer.stats() cv_shards
@@ -86,9 +85,9 @@ class StatusReport(Frozen):
     max_over_mean: float | None = None
     queue_depth: int | None = None
     devices: int | None = None
-    step_fractions: dict[str, float] | None = None  # where the router's recent steps went
+    step_fractions: dict[str, float] | None = None  # where the engine's recent steps went
     measured_efficiency: float | None = None
-    efficiency: dict | None = None  # the router's full efficiency section (filled by the router)
+    efficiency: dict | None = None  # the engine's full efficiency section (filled by the engine)
     batch_strategy: str | None = None
     fallback_level: int = 0
     last_decision: ActionRecord | None = None  # hold included
@@ -242,7 +241,7 @@ class ControllerActor:
         make_counters: Callable[[], Callable[[], Counters]],
         make_apply: Callable[[], Callable[[Decision], None]],
     ) -> None:
-        from serving.metrics import Metrics
+        from serving.control.metrics import Metrics
 
         metrics = Metrics()
         self._loop = ControllerLoop(config, _Lazy(make_counters), _Lazy(make_apply), metrics)

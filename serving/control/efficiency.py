@@ -1,8 +1,8 @@
 """Measured efficiency in the planner's own terms, and the step-time model calibration uses.
 
-The planner (serving/capacity.py) writes efficiency = kernel x (1 - communication) x
+The planner (serving/control/capacity.py) writes efficiency = kernel x (1 - communication) x
 (1 - load imbalance) x (1 - pipeline bubbles) and assumes the factors. Here they are measured from
-the step accounting (serving/steptime.py), over a window of W seconds of steps on n devices that
+the step accounting (serving/control/steptime.py), over a window of W seconds of steps on n devices that
 processed N tokens (prompt and generated) of F = 2 x active params FLOPs each:
 
   M1 bubbles        = bubble / W
@@ -31,8 +31,8 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from serving.capacity import EfficiencyFactors, Plan, ceiling_tokens_per_ms
-from serving.steptime import PARTS, REGRESSORS, StepTotals
+from serving.control.capacity import EfficiencyFactors, Plan, ceiling_tokens_per_ms
+from serving.control.steptime import PARTS, REGRESSORS, StepTotals
 
 
 class Frozen(BaseModel):

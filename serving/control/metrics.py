@@ -24,10 +24,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-# moe-serve's metrics port when `moe-serve up` starts Ray (Ray's own default is random). 8080 is
-# what Ray's documentation uses in its Prometheus examples and clashes with neither Serve's HTTP
-# port (8000) nor Ray's dashboard (8265).
-DEFAULT_METRICS_PORT = 8080
+from serving.config import DEFAULT_METRICS_PORT
+
 # What Ray's exporter puts before each custom metric name.
 EXPORT_PREFIX = "ray_"
 
@@ -183,7 +181,7 @@ class Metrics:
         efficiency: float | None = None,
         factors: dict[str, float] | None = None,
     ) -> None:
-        """The step-time breakdown of the router's recent window, and the measured factors where
+        """The step-time breakdown of the engine's recent window, and the measured factors where
         the deployment has a plan (None: the gauges keep their last value)."""
         for part, value in fractions.items():
             self._set("moe_step_time_fraction", value, {"part": part})

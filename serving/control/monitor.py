@@ -1,16 +1,18 @@
-"""The router's monitoring: what it records (metrics), what it tells the controller (counters),
-and how it carries out the controller's decisions (apply).
+"""The engine's monitoring: what it records (metrics, the step accounting), what it tells the
+controller (counters), and how it carries out the controller's decisions (apply).
 
-The scheduler calls `RouterMonitor.on_step` after every step, on the event loop and between two
-forward passes, so reading the expert pool's balancer there races with nothing. Cheap figures
-(step tokens, queue, KV cache use, request latencies) are recorded every step; the balancer's
-overflow totals and load evenness, and the step-time breakdown with the measured efficiency
-factors (serving/steptime.py, serving/efficiency.py), every `period_s`. `run()` re-sets the gauges
-every period so that none expires while the server is idle (Ray drops a gauge ~30 s after its last
-set).
+It sees the engine through a narrow interface: the scheduler's step reports (`on_step`, called
+after every step, on the event loop and between two forward passes, so reading the expert pool's
+balancer there races with nothing), its token counters and queue, and `set_batch`; and, with
+expert shards, the `ElasticPool` it is handed. Cheap figures (step tokens, queue, KV cache use,
+request latencies) are recorded every step, and every step's time goes into the step accounting
+(serving/control/steptime.py); the balancer's overflow totals and load evenness, and the
+step-time breakdown with the measured efficiency factors (serving/control/efficiency.py), every
+`period_s`. `run()` re-sets the gauges every period so that none expires while the server is idle
+(Ray drops a gauge ~30 s after its last set).
 
 Live tokens/ms, targets, phase and controller actions are recorded by the controller itself
-(serving/controller_loop.py) in its own process, from the counters this module hands it.
+(serving/control/controller_loop.py) in its own process, from the counters this module hands it.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from serving.capacity import Plan
-from serving.controller import Decision, devices_in_use
-from serving.controller_loop import Counters
-from serving.efficiency import EfficiencyBasis, Measured, basis_from_plan, measure
-from serving.scheduler import Scheduler, StepReport
+from experts.pool import ElasticPool
+from serving.control.capacity import Plan
+from serving.control.controller import Decision, devices_in_use
+from serving.control.controller_loop import Counters
+from serving.control.efficiency import EfficiencyBasis, Measured, basis_from_plan, measure
+from serving.control.steptime import StepAccounting
+from serving.engine.reports import StepReport
 
 log = logging.getLogger("moe_serve.monitor")
 
@@ -39,19 +43,35 @@ def p99(values: deque[float]) -> float | None:
     return float(np.percentile(np.fromiter(values, float), 99)) if values else None
 
 
-class RouterMonitor:
-    """One per router replica. `metrics` is a serving.metrics.Metrics, or None (not recorded)."""
+class Engine(Protocol):
+    """What the monitor reads and changes of the engine (serving/engine/scheduler.py)."""
+
+    tokens_generated: int  # cumulative sampled tokens
+    tokens_processed: int  # cumulative prompt + decode tokens run
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def set_batch(self, step_token_budget: int, max_batch_slots: int) -> dict: ...
+
+
+class EngineMonitor:
+    """One per Engine replica. `pool` is the expert pool on shards (None: experts in the
+    engine's process); `metrics` a serving.control.metrics.Metrics, or None (not recorded)."""
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        engine: Engine,
+        pool: ElasticPool | None,
         metrics: Any | None,
         on_gpu: bool,
         period_s: float = 5.0,
         plan: Plan | None = None,
+        accounting_window_s: float = 30.0,
     ) -> None:
-        self.scheduler, self.metrics, self.on_gpu = scheduler, metrics, on_gpu
+        self.engine, self.pool, self.metrics, self.on_gpu = engine, pool, metrics, on_gpu
         self.period_s = period_s
+        self.accounting = StepAccounting(accounting_window_s)
         self.plan = plan  # the deployment's plan: the basis of the measured factors
         self.ttft: deque[float] = deque(maxlen=RECENT_REQUESTS)
         self.tpot: deque[float] = deque(maxlen=RECENT_REQUESTS)
@@ -62,18 +82,17 @@ class RouterMonitor:
         self._reconfig = None  # the pool's reconfiguration thread in flight, if any
 
     @property
-    def pool(self) -> Any:
-        return self.scheduler.model.pool
-
-    @property
     def shards(self) -> int:
-        """ExpertShard actors in use (0: experts in the router's process)."""
-        return int(getattr(self.pool, "num_shards", 0))
+        """ExpertShard actors in use (0: experts in the engine's process)."""
+        return self.pool.num_shards if self.pool is not None else 0
 
     # -- recording -------------------------------------------------------------------------------
 
     def on_step(self, report: StepReport) -> None:
         """The scheduler's observer: runs after every step."""
+        self.accounting.record(report.interval_s, report.forward_s, report.expert,
+                               report.decode_rows, report.prefill_tokens,
+                               report.prefill_chunks)  # fmt: skip
         for t in report.finished:
             self.ttft.append(t.ttft_s)
             if t.tpot_s is not None:
@@ -94,9 +113,9 @@ class RouterMonitor:
 
     def _read_balancer(self) -> None:
         """Overflow totals and the worst layer's load evenness (only with expert shards)."""
-        balancer = getattr(self.pool, "balancer", None)
-        if balancer is None or self.shards == 0:
+        if self.pool is None:
             return
+        balancer = self.pool.balancer
         stats = balancer.stats()
         worst = max(stats, key=lambda s: s.cv_shards, default=None)
         if worst is not None and worst.batches > 0:
@@ -122,10 +141,7 @@ class RouterMonitor:
     def window(self) -> tuple[dict[str, float] | None, Measured | None]:
         """The recent window's step-time fractions, and its measured factors where the
         deployment has a plan; (None, None) without steps in the window."""
-        accounting = getattr(self.scheduler, "accounting", None)
-        if accounting is None:
-            return None, None
-        window, basis = accounting.window(), self._basis()
+        window, basis = self.accounting.window(), self._basis()
         return window.fractions(), measure(window, basis) if basis else None
 
     def _basis(self) -> EfficiencyBasis | None:
@@ -134,15 +150,12 @@ class RouterMonitor:
     def efficiency(self) -> dict:
         """The `efficiency` section of GET /v1/moe/status: cumulative totals (a benchmark diffs
         two readings), the basis, the recent window measured, and the plan's assumptions."""
-        accounting = getattr(self.scheduler, "accounting", None)
-        if accounting is None:
-            return {}
         fractions, measured = self.window()
         plan = self.plan
         return {
-            "totals": accounting.totals.to_json(),
+            "totals": self.accounting.totals.to_json(),
             "basis": basis.model_dump() if (basis := self._basis()) else None,
-            "window_s": accounting.window_s,
+            "window_s": self.accounting.window_s,
             "fractions": fractions,
             "measured": measured.model_dump() if measured else None,
             "planned": {
@@ -167,12 +180,12 @@ class RouterMonitor:
     # -- the controller's view -------------------------------------------------------------------
 
     def _device_counts(self) -> tuple[int, int]:
-        """(GPUs in use by the router and the shards, expert shards on CPU). Shards sharing a
+        """(GPUs in use by the engine and the shards, expert shards on CPU). Shards sharing a
         GPU (shard_gpus < 1) count the GPUs they occupy, not one each."""
         shards = self.shards
-        if not shards or not str(getattr(self.pool, "device", "cpu")).startswith("cuda"):
+        if self.pool is None or not self.pool.device.startswith("cuda"):
             return (1 if self.on_gpu else 0), shards
-        shard_gpus = math.ceil(shards * self.pool.shard_amount - 1e-9)
+        shard_gpus = math.ceil(shards * self.pool.shard_request[1] - 1e-9)
         return (1 if self.on_gpu else 0) + shard_gpus, 0
 
     def devices(self) -> int:
@@ -185,13 +198,13 @@ class RouterMonitor:
         busy = self._reconfiguring()
         fractions, measured = self.window()
         return Counters(
-            tokens_generated=self.scheduler.tokens_generated,
-            tokens_processed=getattr(self.scheduler, "tokens_processed", None),
+            tokens_generated=self.engine.tokens_generated,
+            tokens_processed=self.engine.tokens_processed,
             step_fractions=fractions,
             measured_efficiency=measured.efficiency if measured else None,
             gpus=gpus,
             cpu_shards=cpu_shards,
-            queue_depth=len(self.scheduler.waiting),
+            queue_depth=self.engine.queue_depth,
             expert_load_cv=self.load[0] if shards else None,
             max_over_mean=self.load[1] if shards else None,
             p99_ttft_s=p99(self.ttft),
@@ -208,7 +221,7 @@ class RouterMonitor:
         """The cluster has what one more ExpertShard asks for (experts/shard_resources.py)."""
         import ray
 
-        kind, amount = self.pool.resources.kind, self.pool.shard_amount
+        kind, amount = self.pool.shard_request
         return ray.available_resources().get(kind, 0.0) >= amount
 
     # -- carrying out decisions ------------------------------------------------------------------
@@ -222,14 +235,15 @@ class RouterMonitor:
             if self._reconfiguring():
                 raise RuntimeError("a shard reconfiguration is still loading")
             pool = self.pool
-            method = {"scale_out": "add_shard", "scale_in": "remove_shard"}.get(action, action)
-            if not hasattr(pool, method):
+            if pool is None:
                 raise RuntimeError(f"{action} needs expert shards (expert_shards > 0)")
-            self._reconfig = getattr(pool, method)()  # loads in the background, switches later
+            method = {"scale_out": pool.add_shard, "scale_in": pool.remove_shard,
+                      "rebalance": pool.rebalance}[action]  # fmt: skip
+            self._reconfig = method()  # loads in the background, switches later
             return {"action": action, "shards": self.shards}
         if action in ("batch_fallback", "revert_fallback") and decision.batch is not None:
             b = decision.batch
             # batch_wait_ms has no effect yet: the scheduler runs a step as soon as work waits.
-            now = self.scheduler.set_batch(b.step_token_budget, b.max_batch_slots)
+            now = self.engine.set_batch(b.step_token_budget, b.max_batch_slots)
             return {"action": action, "level": b.level} | now
         return {"action": action}

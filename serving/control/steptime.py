@@ -7,7 +7,7 @@ more forward calls. Its interval runs from the end of the previous step (or, aft
 sat idle, from the moment work arrived) to the end of this one, and is split into five parts that
 add up to it:
 
-  dense      router forward time outside the expert fan-outs: embeddings, attention, norms,
+  dense      engine forward time outside the expert fan-outs: embeddings, attention, norms,
              gating, the balancer, dispatch and combine, lm_head
   expert     per MoE layer, the mean over shards of each shard's own compute time
   imbalance  per MoE layer, the slowest shard's compute minus that mean: the wait on the straggler
@@ -15,14 +15,14 @@ add up to it:
              serialisation, object store, RPC, both ways
   bubble     the rest of the interval: scheduling, sampling, streaming tokens out, thread hand-offs
 
-With the experts in the router's process, `expert` is the pool's compute time and transport and
+With the experts in the engine's process, `expert` is the pool's compute time and transport and
 imbalance are zero. Time the scheduler sits idle with no work is in no step and counts nowhere.
 
 Totals are additive (cumulative sums), so the figures of any window are the difference of two
-readings: the router keeps them from its start, a benchmark diffs the readings taken before and
+readings: the engine keeps them from its start, a benchmark diffs the readings taken before and
 after it ran. Besides the seconds per part they hold the least-squares moments of each part's
 seconds per step against REGRESSORS (a constant, decode rows, prefill forward calls, prefill
-tokens), from which serving/efficiency.py fits the step-time model that calibration extrapolates
+tokens), from which serving/control/efficiency.py fits the step-time model that calibration extrapolates
 to other batch sizes. Prefill calls are a regressor of their own because each prompt chunk is a
 forward call of its own, with a fixed cost per MoE layer that no per-token term captures.
 """
@@ -154,7 +154,7 @@ def split_step(interval_s: float, forward_s: float, expert: ExpertTime) -> np.nd
     mean = min(expert.mean_s, slowest)
     return np.array(
         [
-            forward - round_trip,  # dense: the router's own compute
+            forward - round_trip,  # dense: the engine's own compute
             mean,  # expert
             round_trip - slowest,  # transport
             slowest - mean,  # imbalance

@@ -10,8 +10,8 @@ import torch
 from experts.checkpoint import Checkpoint
 from experts.pool import LocalExpertPool
 from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S
+from serving.engine.model import MixtralModel
 from serving.errors import UserError
-from serving.model import MixtralModel
 
 
 def load_model(
@@ -60,18 +60,14 @@ def load_model(
 
 
 def _ray_pool(ckpt: Checkpoint, dtype, device: str, shards: int, redundant: int, options: dict):
-    import ray
-
-    from experts.ray_pool import RayExpertPool
+    from experts.ray_pool import RayExpertPool, ensure_ray
     from router.placement import check_sizes
 
     try:
         check_sizes(ckpt.config.num_local_experts, shards, redundant)
     except ValueError as exc:
         raise UserError(f"expert_shards={shards}, redundant_experts={redundant}: {exc}") from None
-    if not ray.is_initialized():
-        # Never expose Ray's dashboard from a library call; join RAY_ADDRESS if one is set.
-        ray.init(include_dashboard=False, configure_logging=False)
+    ensure_ray()
     return RayExpertPool(
         str(ckpt.path), ckpt.config, shards, redundant, dtype=dtype, device=device, **options
     )

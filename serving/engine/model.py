@@ -1,5 +1,5 @@
-"""The Mixtral transformer: embeddings, RMSNorm, RoPE, grouped-query attention with a KV cache, the
-MoE layer (serving/runner.py), final norm and lm_head.
+"""The Mixtral transformer: embeddings, RMSNorm, RoPE, grouped-query attention over the KV cache
+(serving/engine/kv_cache.py), the MoE layer (serving/engine/moe_layer.py), final norm and lm_head.
 
 Shape legend:
   B  sequences in the batch     S  new tokens per sequence     T = B*S tokens
@@ -18,47 +18,8 @@ from torch import nn
 from experts.checkpoint import Checkpoint, MixtralConfig
 from experts.gemm import linear
 from experts.pool import ExpertPool
-from serving.runner import moe_layer
-
-
-class KVCache:
-    """Keys and values for `batch` sequence slots of up to `max_len` tokens each.
-
-    k, v: [layers, batch, G, M, Dh]. A forward pass names the slots it uses and where each
-    sequence starts, so sequences of different lengths can share one decode step.
-    """
-
-    def __init__(
-        self,
-        config: MixtralConfig,
-        batch: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shape = (
-            config.num_hidden_layers,
-            batch,
-            config.num_key_value_heads,
-            max_len,
-            config.head_dim,
-        )
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-
-    def write(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, k, v) -> None:
-        """k, v [B, G, S, Dh] at positions [B, S] of the given slots (None: slots 0..B-1)."""
-        rows = torch.arange(k.shape[0], device=k.device) if slots is None else slots
-        # Advanced indices split by a slice put their broadcast shape first: [B, S, G, Dh].
-        self.k[layer][rows[:, None], :, positions] = k.transpose(1, 2)
-        self.v[layer][rows[:, None], :, positions] = v.transpose(1, 2)
-
-    def read(self, layer: int, slots: torch.Tensor | None, batch: int, length: int):
-        """Keys and values [B, G, L, Dh] of the first `length` positions."""
-        if slots is None:
-            return self.k[layer, :batch, :, :length], self.v[layer, :batch, :, :length]
-        return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
+from serving.engine.kv_cache import KVCache
+from serving.engine.moe_layer import moe_layer
 
 
 @dataclass
@@ -122,9 +83,7 @@ class MixtralModel(nn.Module):
 
     def close(self) -> None:
         """Release what the expert pool holds outside this process (Ray actors), if anything."""
-        shutdown = getattr(self.pool, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.pool.shutdown()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)

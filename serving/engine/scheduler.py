@@ -6,10 +6,11 @@ requests into free slots and splitting long prompts into chunks, (4) runs the fo
 worker thread so the event loop keeps serving HTTP, and (5) samples, streams each sequence's new
 token and finishes sequences on their own (max_tokens, a stop token, a stop string). A request that
 finds no free slot waits in a bounded queue; one that finds the queue full is refused (QueueFull).
-Every step's wall time is split into dense, expert, transport, imbalance and bubble time
-(serving/steptime.py) in `accounting`.
+After every step the observer gets a StepReport: what ran, and where the step's wall time went
+(forward passes, expert pool), which the engine's monitor turns into metrics and the step
+accounting (serving/control/).
 
-Ray-free on purpose: the router deployment wraps it, tests drive it in-process.
+Ray-free on purpose: the Engine deployment wraps it, tests drive it in-process.
 Shape legend: B sequences in a step, S new tokens per sequence, V vocabulary.
 """
 
@@ -18,104 +19,33 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator
 
 import torch
 
+from experts.pool import ExpertUnavailableError
+from experts.timing import ExpertTime
 from serving.config import SchedulerConfig
-from serving.detokenize import Decode, TextStream
-from serving.generate import SamplingParams, sample
-from serving.model import MixtralModel
-from serving.steptime import StepAccounting
+from serving.engine.detokenize import Decode, TextStream
+from serving.engine.model import MixtralModel
+from serving.engine.reports import RequestTiming, StepObserver, StepReport
+from serving.engine.requests import Admission, Event, Job
+from serving.engine.sampling import (
+    ContextTooLong,
+    SamplingParams,
+    check_context,
+    sample,
+    token_logprobs,
+)
+from serving.engine.sequence import Sequence, StepPlan
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
     """The waiting queue is at its limit (or the scheduler drains): retry later."""
-
-
-@dataclass(frozen=True)
-class Event:
-    """One streamed update of a request: a new token, and/or the reason it finished."""
-
-    token: int | None = None
-    text: str = ""  # text now final (needs a decode function; see detokenize.TextStream)
-    logprob: float | None = None
-    top_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "error"
-    error: str | None = None
-    # The error is transient (an expert shard is down and being replaced): the ingress answers
-    # 503 with Retry-After rather than 500, as retrying shortly will succeed.
-    retryable: bool = False
-
-
-@dataclass(eq=False)
-class Sequence:
-    """A request's state inside the scheduler."""
-
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    logprobs: int | None  # how many top alternatives to report; None: no logprobs
-    text: TextStream | None
-    gen: torch.Generator | None
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    slot: int | None = None
-    cached: int = 0  # tokens written into the slot's cache
-    output: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    done: bool = False
-    submitted_at: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
-
-
-@dataclass(frozen=True)
-class RequestTiming:
-    """Latencies of one request that finished normally (seconds)."""
-
-    ttft_s: float  # submit to first token: queueing + prefill
-    e2e_s: float  # submit to last token
-    tpot_s: float | None  # mean time per output token after the first; None for one token
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one step did, for an observer (the router's metrics); plain numbers, no state."""
-
-    batch_tokens: int  # prefill + decode tokens run
-    new_tokens: int  # tokens sampled (streamed) this step
-    queue_depth: int  # requests waiting for a slot
-    slots_used: int
-    slots: int  # KV cache slots allocated
-    finished: tuple[RequestTiming, ...]
-
-
-# Called on the event loop after every step, between two forward passes (the model is idle).
-StepObserver = Callable[[StepReport], None]
-
-
-@dataclass
-class StepPlan:
-    decodes: list[Sequence]
-    prefills: list[tuple[Sequence, int]]  # (sequence, chunk length)
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(n for _, n in self.prefills)
-
-    @property
-    def tokens(self) -> int:
-        """Decode rows + prompt tokens: what the step runs through the model."""
-        return len(self.decodes) + self.prefill_tokens
 
 
 class Scheduler:
@@ -142,8 +72,6 @@ class Scheduler:
         self.slot_limit = config.max_batch_slots
         self.tokens_generated = 0  # cumulative sampled tokens
         self.tokens_processed = 0  # cumulative prompt + decode tokens run: the controller's rate
-        # Where each step's time goes; None: not accounted (the overhead benchmark's baseline).
-        self.accounting: StepAccounting | None = StepAccounting()
         self._step_end: float | None = None  # perf_counter at the last step's end; None: idle
         # Decode rows per step: the batch of one forward call, what continuous batching buys.
         self.step_batch_sizes: deque[int] = deque(maxlen=4096)
@@ -169,11 +97,9 @@ class Scheduler:
         # Requests that a free slot will take at the next step do not count as queued.
         if len(self.waiting) >= self.config.max_queue + len(self.free_slots):
             raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
-        if not prompt or len(prompt) + params.max_tokens > self.max_len:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) must fit "
-                f"{self.max_len} tokens"
-            )
+        if not prompt:
+            raise ContextTooLong("the prompt is empty", "prompt")
+        check_context(len(prompt), params.max_tokens, self.max_len)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         text = TextStream(self.decode, stop) if self.decode else None
         seq = Sequence(next(self._ids), list(prompt), params, logprobs, text, gen)
@@ -207,6 +133,11 @@ class Scheduler:
         if not seq.done:
             seq.cancelled = True
             self._wake.set()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self.waiting)
 
     @property
     def in_flight(self) -> int:
@@ -270,22 +201,20 @@ class Scheduler:
                 timing = self._emit(seq, logits)
                 if timing is not None:
                     finished.append(timing)
-            self._observe(plan, self.tokens_generated - tokens_before, finished)
-            self._account(plan, begin, forward_s)
+            self._step_end = time.perf_counter()
+            expert = self.model.pool.step_time()  # taken every step: it starts afresh
+            self._observe(plan, self.tokens_generated - tokens_before, finished,
+                          self._step_end - begin, forward_s, expert)  # fmt: skip
 
-    def _account(self, plan: StepPlan, begin: float, forward_s: float) -> None:
-        """Split the step's interval (previous step's end, or waking, to now) into its parts.
-        Its failure is logged, never the loop's."""
-        self._step_end = end = time.perf_counter()
-        try:
-            expert = self.model.pool.step_time()  # taken even when not accounting: starts afresh
-            if self.accounting is not None:
-                self.accounting.record(end - begin, forward_s, expert, len(plan.decodes),
-                                       plan.prefill_tokens, len(plan.prefills))  # fmt: skip
-        except Exception:
-            log.exception("step accounting failed")
-
-    def _observe(self, plan: StepPlan, new_tokens: int, finished: list[RequestTiming]) -> None:
+    def _observe(
+        self,
+        plan: StepPlan,
+        new_tokens: int,
+        finished: list[RequestTiming],
+        interval_s: float,
+        forward_s: float,
+        expert: ExpertTime,
+    ) -> None:
         """Tell the observer about the step; its failure is logged, never the loop's."""
         if self.observer is None:
             return
@@ -296,6 +225,12 @@ class Scheduler:
             slots_used=len(self.running),
             slots=self.config.max_batch_slots,
             finished=tuple(finished),
+            interval_s=interval_s,
+            forward_s=forward_s,
+            expert=expert,
+            decode_rows=len(plan.decodes),
+            prefill_tokens=plan.prefill_tokens,
+            prefill_chunks=len(plan.prefills),
         )
         try:
             self.observer(report)
@@ -387,7 +322,7 @@ class Scheduler:
         now = time.monotonic()
         if seq.first_token_at is None:
             seq.first_token_at = now
-        logprob, top = self._logprobs(seq, logits, token)
+        logprob, top = token_logprobs(logits, token, seq.logprobs)
         text = seq.text.push(token) if seq.text else ""
         finish = self._finish_reason(seq, token)
         if finish is not None:
@@ -395,14 +330,7 @@ class Scheduler:
             if seq.text and not seq.text.stopped:
                 text += seq.text.flush()
         seq.events.put_nowait(Event(token, text, logprob, top, finish))
-        return self._timing(seq, now) if finish is not None else None
-
-    @staticmethod
-    def _timing(seq: Sequence, now: float) -> RequestTiming:
-        first = seq.first_token_at if seq.first_token_at is not None else now
-        n = len(seq.output)
-        tpot = (now - first) / (n - 1) if n > 1 else None
-        return RequestTiming(first - seq.submitted_at, now - seq.submitted_at, tpot)
+        return seq.timing(now) if finish is not None else None
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (seq.text and seq.text.stopped):
@@ -412,20 +340,8 @@ class Scheduler:
             return "length"
         return None
 
-    @staticmethod
-    def _logprobs(seq: Sequence, logits: torch.Tensor, token: int):
-        """The chosen token's log-probability under the model (before temperature) and the top-k."""
-        if seq.logprobs is None:
-            return None, None
-        lp = torch.log_softmax(logits.float(), dim=-1)  # [V]
-        top = lp.topk(seq.logprobs) if seq.logprobs > 0 else None
-        alternatives = (
-            {int(i): float(v) for v, i in zip(top.values, top.indices, strict=True)} if top else {}
-        )
-        return float(lp[token]), alternatives
-
     def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
-        retryable = _is_retryable(exc)
+        retryable = isinstance(exc, ExpertUnavailableError)
         for seq in seqs:
             if not seq.done:
                 seq.done = True
@@ -435,31 +351,15 @@ class Scheduler:
                 )
 
 
-def _is_retryable(exc: Exception) -> bool:
-    """An expert without a live copy (experts/ray_pool.py) is transient: its shard is being
-    replaced. Looked up in sys.modules so the scheduler stays Ray-free: if the Ray pool was never
-    imported, no exception can be one of its errors."""
-    pool = sys.modules.get("experts.ray_pool")
-    return pool is not None and isinstance(exc, pool.ExpertUnavailableError)
-
-
-async def run_job(scheduler: Scheduler, job: dict) -> AsyncIterator[dict]:
-    """The wire form the router serves: a job dict in, items {"events": [event dicts]} out.
-
-    The first item says whether the request was admitted ({"admitted": True}) or refused
-    ({"rejected": reason}), so the ingress can answer 503 before it sends any response header.
-    Closing this generator early (client gone) cancels the request.
-    """
+async def run_job(scheduler: Scheduler, job: Job) -> AsyncIterator[Admission | list[Event]]:
+    """What the Engine deployment serves: an Admission first (admitted, or refused because the
+    queue is full), then batches of the request's events. Closing this generator early (client
+    gone) cancels the request."""
     try:
-        seq = scheduler.submit(
-            job["prompt"],
-            SamplingParams(**job["params"]),
-            tuple(job.get("stop", ())),
-            job.get("logprobs"),
-        )
+        seq = scheduler.submit(list(job.prompt), job.params, job.stop, job.logprobs)
     except QueueFull as exc:
-        yield {"rejected": str(exc)}
+        yield Admission(False, str(exc))
         return
-    yield {"admitted": True}
+    yield Admission(True)
     async for events in scheduler.stream_batches(seq):
-        yield {"events": [asdict(e) for e in events]}
+        yield events

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from serving import load_model
-from serving.generate import SamplingParams, generate
+from serving.engine.generate import generate
+from serving.engine.sampling import SamplingParams
 
 DEVICE = "cuda:0"
 NEW_TOKENS = 16

@@ -9,8 +9,9 @@ import torch
 
 from serving import load_model
 from serving.config import SchedulerConfig
-from serving.generate import SamplingParams, generate
-from serving.scheduler import Scheduler
+from serving.engine.generate import generate
+from serving.engine.sampling import SamplingParams
+from serving.engine.scheduler import Scheduler
 
 
 def test_scheduler_on_cuda_matches_generate(demo_path, no_tf32, device="cuda:0"):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from serving import load_model
-from serving.generate import SamplingParams, generate
+from serving.engine.generate import generate
+from serving.engine.sampling import SamplingParams
 from tests.conftest import HF_CONFIGS, write_hf_checkpoint
 
 DEVICE = "cuda:0"

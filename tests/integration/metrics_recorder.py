@@ -8,7 +8,7 @@ import threading
 
 class Recorder:
     def __init__(self) -> None:
-        from serving.metrics import Metrics
+        from serving.control.metrics import Metrics
 
         self.metrics = Metrics()
         self.count = 0

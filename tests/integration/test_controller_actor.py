@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 
 import pytest
 
-from serving.controller import ControllerConfig, PhaseTarget
-from serving.controller_loop import Counters, start_controller
+from serving.control.controller import ControllerConfig, PhaseTarget
+from serving.control.controller_loop import Counters, start_controller
+from tests.support import wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -24,27 +24,26 @@ def make_apply():
 
 
 def wait_for_decision(ray, actor, timeout_s: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def decided() -> dict | None:
         status = ray.get(actor.status.remote(), timeout=timeout_s)
         if status["last_decision"] is not None and status["tokens_per_ms_per_device"]:
             return status
-        time.sleep(0.2)
-    raise AssertionError(f"no decision within {timeout_s}s")
+        return None
+
+    return wait_until(decided, timeout_s, "a decision")
 
 
 def wait_for_new_process(ray, actor, old_pid: int, timeout_s: float = 60.0) -> int:
     """The actor's pid once it differs from old_pid (calls during the restart may fail)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def new_pid() -> int | None:
         try:
             pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10)
-            if pid != old_pid:
-                return pid
         except ray.exceptions.RayError:
-            pass  # dead or restarting: ask again
-        time.sleep(0.2)
-    return old_pid
+            return None  # dead or restarting: ask again
+        return pid if pid != old_pid else None
+
+    return wait_until(new_pid, timeout_s, f"a process other than pid {old_pid}")
 
 
 def test_controller_actor_decides_and_survives_being_killed(ray_session):

@@ -1,21 +1,20 @@
-"""The wired app on a real Ray Serve: the router records metrics, the controller reads its counters,
+"""The wired app on a real Ray Serve: the engine records metrics, the controller reads its counters,
 acts on a shortfall (one expert shard slowed on purpose), and reports at GET /v1/moe/status,
 which `moe-serve status` prints; everything shows on the node's Prometheus endpoint."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from contextlib import contextmanager
 
 import pytest
 
-from serving import metrics
 from serving.config import MonitoringConfig, SchedulerConfig, ServeConfig
-from serving.controller import ControllerConfig
+from serving.control import metrics
+from serving.control.controller import ControllerConfig
 
-from .test_http import http, wait_healthy
+from ..support import Load, wait_healthy, wait_until
+from .test_http import http
 from .test_metrics import present, scrape
 
 KEY = "live-key-456"
@@ -38,10 +37,10 @@ FAST_CONTROLLER = ControllerConfig(
 @contextmanager
 def demo_app(serve_http: str, demo_path, app: str, **fields):
     """The demo model on 2 expert shards, API key KEY, served as "demo", planned for this CPU,
-    under `app`; `fields` set more ServeConfig fields. Yields (base URL, Router handle)."""
+    under `app`; `fields` set more ServeConfig fields. Yields (base URL, Engine handle)."""
     from ray import serve
 
-    from serving.app import application
+    from serving.api.app import application
 
     config = ServeConfig(
         api_key=KEY,
@@ -57,14 +56,14 @@ def demo_app(serve_http: str, demo_path, app: str, **fields):
     serve.run(application(config), name=app, route_prefix="/", blocking=False)
     wait_healthy(serve_http)
     try:
-        yield serve_http, serve.get_deployment_handle("Router", app_name=app)
+        yield serve_http, serve.get_deployment_handle("Engine", app_name=app)
     finally:
         serve.delete(app)
 
 
 @pytest.fixture(scope="module")
 def live(serve_http, demo_path):
-    """Metrics and a fast controller on: (base URL, Router handle)."""
+    """Metrics and a fast controller on: (base URL, Engine handle)."""
     monitoring = MonitoringConfig(period_s=1.0, cpu_measure_s=0.3)
     with demo_app(
         serve_http, demo_path, APP, monitoring=monitoring, controller=FAST_CONTROLLER
@@ -72,50 +71,15 @@ def live(serve_http, demo_path):
         yield app
 
 
-class Load:
-    """`clients` threads sending short completions until the block ends; counts failures."""
-
-    def __init__(self, url: str, clients: int = 3) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.ok, self.failed = 0, []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
-
-    def _run(self) -> None:
-        body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}
-        while not self.stop.is_set():
-            status, _, reply = http(
-                "POST", f"{self.url}/v1/completions", json.dumps(body).encode(), KEY
-            )
-            if status == 200:
-                self.ok += 1
-            else:
-                self.failed.append((status, reply))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
+def live_load(url: str, clients: int = 3) -> Load:
+    """`clients` threads sending completions of 16 tokens with KEY until the block ends."""
+    return Load(url, KEY, clients, max_tokens=16, timeout_s=120.0)
 
 
 def status(url: str) -> dict:
     code, _, body = http("GET", f"{url}/v1/moe/status", key=KEY)
     assert code == 200, body
     return body
-
-
-def wait_for(predicate, timeout_s: float, what: str, period_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(period_s)
-    raise AssertionError(f"{what} not seen within {timeout_s} s")
 
 
 def test_controller_sees_the_slowed_shard_and_acts(live):
@@ -128,12 +92,14 @@ def test_controller_sees_the_slowed_shard_and_acts(live):
 
     assert len(shards()) == 2
     ray.get(shards()[0].set_delay.remote(0.02), timeout=30)  # a straggler: 20 ms per layer call
-    with Load(url) as load:
-        report = wait_for(lambda: (s := status(url))["actions"] and s, 90, "a controller action")
+    with live_load(url) as load:
+        report = wait_until(
+            lambda: (s := status(url))["actions"] and s, 90, "a controller action", interval_s=1.0
+        )
         acted = report["actions"][-1]
         if acted["action"] in ("scale_in", "scale_out"):  # the pool switches at a later batch
             want = 1 if acted["action"] == "scale_in" else 3
-            wait_for(lambda: len(shards()) == want, 60, f"{want} expert shards")
+            wait_until(lambda: len(shards()) == want, 60, f"{want} expert shards", interval_s=1.0)
     assert not load.failed, load.failed[:3]  # acting (shards added or removed) loses no request
     assert load.ok > 0
     # Far below the planner's target for this CPU: a shortfall rule acted (not a rebalance,
@@ -146,15 +112,16 @@ def test_controller_sees_the_slowed_shard_and_acts(live):
     port = metrics.node_metrics_port()
     series = f'action="{acted["action"]}"'
     name = metrics.exported_name("moe_controller_actions_total")
-    wait_for(
+    wait_until(
         lambda: any(line.startswith(name) and series in line for line in scrape(port).splitlines()),
         30,
         f"{name}{{{series}}} on :{port}/metrics",
+        interval_s=1.0,
     )
 
 
 def test_status_command_prints_the_live_report(live, capsys):
-    from serving.cli import main
+    from serving.cli.command import main
 
     url, _ = live
     assert main(["status", "--url", url, "--api-key", KEY, "--json"]) == 0
@@ -172,16 +139,24 @@ def test_router_and_controller_metrics_are_scraped(live):
     # A Ray Counter has no series before its first increment, and overflow depends on routing.
     expected = set(metrics.exported_names()) - {metrics.exported_name("moe_overflow_tokens_total")}
     port = metrics.node_metrics_port()
-    missing, deadline = expected, time.monotonic() + 30
-    with Load(url, clients=2):
-        while missing and time.monotonic() < deadline:
-            missing = expected - present(scrape(port))
-            time.sleep(1.0)
-    assert not missing, f"{sorted(missing)}: not on :{port}/metrics"
+    missing = expected
+
+    def all_present() -> bool:
+        nonlocal missing
+        missing = expected - present(scrape(port))
+        return not missing
+
+    with live_load(url, clients=2):
+        wait_until(
+            all_present,
+            30,
+            lambda: f"every series on :{port}/metrics (missing {sorted(missing)})",
+            interval_s=1.0,
+        )
 
 
 def test_up_documents_the_metrics_port():
-    from serving.cli import build_parser
+    from serving.cli.command import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     help_text = " ".join(sub.choices["up"].format_help().split())

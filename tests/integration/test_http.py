@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from serving.config import SchedulerConfig, ServeConfig
-from serving.generate import SamplingParams, generate
-from serving.tokenizer import TextTokenizer
+from serving.engine.generate import generate
+from serving.engine.sampling import SamplingParams
+from serving.engine.tokenizer import TextTokenizer
 
-from ..http_client import http as plain_http
+from ..support import http as plain_http
+from ..support import wait_healthy
 
 KEY = "test-key-123"
 APP = "moe-serve-test"
@@ -28,23 +30,11 @@ def http(method: str, url: str, body: bytes | None = None, key: str | None = KEY
     return plain_http(method, url, body, key=key, headers=headers)
 
 
-def wait_healthy(url: str, tries: int = 240) -> dict:
-    for _ in range(tries):
-        try:
-            status, _, body = http("GET", f"{url}/health", key=None)
-            if status == 200 and isinstance(body, dict) and "scheduler" in body:
-                return body
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}/health never answered 200")
-
-
 @pytest.fixture(scope="module")
 def server(serve_http, demo_path):
     from ray import serve
 
-    from serving.app import application
+    from serving.api.app import application
 
     config = ServeConfig(
         api_key=KEY,
@@ -197,7 +187,7 @@ def test_sixteen_concurrent_requests_are_batched_and_independent(server, ref):
 
 
 def test_client_disconnect_cancels_the_request(server):
-    """A streaming client that goes away: the router stops generating for it and frees the slot."""
+    """A streaming client that goes away: the engine stops generating for it and frees the slot."""
     before = wait_healthy(server)["scheduler"]["steps"]
     host, port = server.removeprefix("http://").split(":")
     conn = HTTPConnection(host, int(port), timeout=120)
@@ -221,7 +211,7 @@ def test_client_disconnect_cancels_the_request(server):
 
 
 def test_bench_against_the_server(server, tmp_path, capsys):
-    from serving.cli import main
+    from serving.cli.command import main
 
     plot = tmp_path / "tokens.png"
     argv = ["bench", "--url", server, "--api-key", KEY, "--num-prompts", "4"]
@@ -232,7 +222,7 @@ def test_bench_against_the_server(server, tmp_path, capsys):
     assert summary["total_output_tokens"] == 20 and summary["total_input_tokens"] == 32
     assert summary["output_tokens_per_ms"] > 0 and summary["p50_ttft_ms"] <= summary["p99_ttft_ms"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The router's step accounting over exactly this run (drawn beside the curve in the plot).
+    # The engine's step accounting over exactly this run (drawn beside the curve in the plot).
     assert sum(summary["efficiency"]["fractions"].values()) == pytest.approx(1.0, abs=0.02)
 
 

@@ -1,15 +1,15 @@
-"""Every moe-serve metric, recorded through serving.metrics in a Ray actor, appears on the node's
+"""Every moe-serve metric, recorded through serving.control.metrics in a Ray actor, appears on the node's
 live Prometheus endpoint under its exported (`ray_`-prefixed) name."""
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import pytest
 
-from serving import metrics
+from serving.control import metrics
 from tests.integration.metrics_recorder import start_recorder
+from tests.support import wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -34,17 +34,21 @@ def test_every_metric_is_scraped_with_its_exported_name(ray_session):
     # Series only this recorder writes: other processes of the session (a deployed app, its
     # controller) may already have put every name there, and counters outlive their process.
     labels = ('policy="split"', 'action="rebalance"', 'phase="phase 1"')
-    missing, text = expected, ""
-    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    missing = expected
+
+    def scraped() -> bool:
+        nonlocal missing
+        ray.get(recorder.record_once.remote())  # re-recording keeps gauges alive
+        text = scrape(port)
+        missing = expected - present(text)
+        return not missing and all(label in text for label in labels)
+
     try:
-        while time.monotonic() < deadline:
-            ray.get(recorder.record_once.remote())  # re-recording keeps gauges alive
-            text = scrape(port)
-            missing = expected - present(text)
-            if not missing and all(label in text for label in labels):
-                break
-            time.sleep(1.0)
+        wait_until(
+            scraped,
+            SCRAPE_TIMEOUT_S,
+            lambda: f"every metric and {labels} on :{port}/metrics (missing {sorted(missing)})",
+            interval_s=1.0,
+        )
     finally:
         ray.kill(recorder)
-    assert not missing, f"{sorted(missing)}: not on :{port}/metrics after {SCRAPE_TIMEOUT_S}s"
-    assert all(label in text for label in labels)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -15,19 +14,14 @@ import urllib.request
 import pytest
 import yaml
 
-from serving import metrics
-from serving.dashboard_cmd import dashboard_exprs, load_dashboard
+from serving.cli.dashboard import dashboard_exprs, load_dashboard
+from serving.control import metrics
 from tests.integration.metrics_recorder import start_recorder
+from tests.support import free_port
 
 pytestmark = pytest.mark.ray
 
 QUERY_TIMEOUT_S = 90  # Ray exports 5-10 s after recording; rates need two scrapes after that
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from experts.shard_resources import PlacementTimeout, wait_for_room
 from serving import load_model
+from tests.support import wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -61,10 +62,7 @@ def test_no_room_fails_within_the_timeout_in_one_line(ray_session, demo_path):
     # Nothing was left behind: no placement group holds anything.
     from ray.util import placement_group_table
 
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and pending_groups(placement_group_table()):
-        time.sleep(0.2)
-    assert not pending_groups(placement_group_table())
+    wait_until(lambda: not pending_groups(placement_group_table()), 10, "no placement group left")
 
 
 def pending_groups(table: dict) -> list:

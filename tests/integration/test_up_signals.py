@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from ..conftest import REPO
-from .conftest import free_port
-from .test_http import Streamer, http, wait_healthy
+from ..support import free_port, wait_healthy, wait_until
+from .test_http import Streamer, http
 
 KEY = "test-key-123"
 pytestmark = pytest.mark.ray
@@ -40,7 +40,7 @@ def moe_serve_up(tmp_path: Path, demo_path: Path, scheduler: dict) -> Iterator[t
         "metrics_port": free_port(),  # not the default 8080: another Ray may hold it
     }
     config = tmp_path / "serve.yaml"
-    app = {"import_path": "serving.app:build_app", "args": args}
+    app = {"import_path": "serving.api.app:build_app", "args": args}
     http_options = {"host": "127.0.0.1", "port": port}
     config.write_text(yaml.safe_dump({"http_options": http_options, "applications": [app]}))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MOE_SERVE_API_KEY")}
@@ -99,6 +99,10 @@ def sessions_alive(sessions: set[int]) -> list[int]:
     return [p for p in pids if (s := _stat(p)) and (s[1] in sessions or s[2] in sessions)]
 
 
+def cmdlines(pids: list[int]) -> list[str]:
+    return [Path(f"/proc/{p}/cmdline").read_text() for p in pids]
+
+
 def test_up_refuses_when_full_and_drains_on_sigterm(tmp_path, demo_path):
     """1 slot + 1 queued -> the next request is 503 with Retry-After; SIGTERM to the process ->
     new requests are refused, both in flight finish, the process exits 0."""
@@ -144,9 +148,9 @@ def test_sigterm_to_the_process_group_drains_and_leaves_nothing(tmp_path, demo_p
         assert stream.usage["completion_tokens"] == 120
         assert code == 0, log.read_text()[-2000:]
         assert took < 10, f"exit took {took:.1f} s"
-        deadline = time.monotonic() + 10
-        while sessions_alive(sessions) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = sessions_alive(sessions)
-        assert not left, [Path(f"/proc/{p}/cmdline").read_text() for p in left]
+        wait_until(
+            lambda: not sessions_alive(sessions),
+            10,
+            lambda: f"no process left: {cmdlines(sessions_alive(sessions))}",
+        )
     assert "stopped" in log.read_text()

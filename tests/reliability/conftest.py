@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from serving.config import MonitoringConfig, SchedulerConfig, ServeConfig
-from tests.reliability.client import KEY, http
+from tests.reliability.client import KEY
+from tests.support import wait_healthy
 
 MODEL = "demo"
 
@@ -27,30 +27,17 @@ def fault_config(demo_path, **fields) -> ServeConfig:
     )
 
 
-def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            status, _, body = http("GET", f"{url}/health", key=None, timeout=10)
-            if status == 200 and isinstance(body, dict) and body.get("status") == "ok":
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url}/health never answered ok")
-
-
 @contextmanager
 def deployed(serve_http: str, name: str, config: ServeConfig) -> Iterator[tuple[str, object]]:
-    """Run the app `name` at route prefix /name: yields (its base URL, its Router handle)."""
+    """Run the app `name` at route prefix /name: yields (its base URL, its Engine handle)."""
     from ray import serve
 
-    from serving.app import application
+    from serving.api.app import application
 
     serve.run(application(config), name=name, route_prefix=f"/{name}", blocking=False)
     url = f"{serve_http}/{name}"
     try:
         wait_healthy(url)
-        yield url, serve.get_deployment_handle("Router", app_name=name)
+        yield url, serve.get_deployment_handle("Engine", app_name=name)
     finally:
         serve.delete(name)

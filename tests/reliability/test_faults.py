@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from tests.reliability.client import Load, completion, stream_outcome
+from tests.reliability.client import KEY, completion, stream_outcome
 from tests.reliability.conftest import deployed, fault_config
+from tests.support import Load, wait_until
 
 pytestmark = pytest.mark.ray
 
@@ -31,13 +32,17 @@ def events(router) -> list[str]:
 
 
 def wait_event(router, text: str, timeout_s: float = 60.0) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """The pool's events once `text` is one of them."""
+    seen: list[str] = []
+
+    def happened() -> list[str] | None:
+        nonlocal seen
         seen = events(router)
-        if text in seen:
-            return seen
-        time.sleep(0.3)
-    raise AssertionError(f"{text!r} not in the pool's events within {timeout_s} s: {seen}")
+        return seen if text in seen else None
+
+    return wait_until(
+        happened, timeout_s, lambda: f"{text!r} in the pool's events {seen}", interval_s=0.3
+    )
 
 
 # Throughput: a fixed-thread load's non-streaming completions per second (Load.rate). The rate
@@ -88,7 +93,7 @@ class TestTwoCopies:
     def test_sigkill_under_load_fails_nothing_and_the_shard_is_replaced(self, copies_app):
         url, router = copies_app
         victim = shard_pids(router)[0]
-        with Load(url, clients=3, streamers=1) as load:
+        with Load(url, KEY, clients=3, streamers=1) as load:
             load.wait_ok(10)  # warm: first batches are slower
             time.sleep(BASELINE_S)
             killed_at = time.monotonic()

@@ -11,7 +11,7 @@ turn the test into a flood of rejections that starves generation on 2 cores.
 The latency of a rejection is measured by the client: connect, send, read the whole 503 reply.
 The goal is 100 ms; what the test asserts is relative, so that it holds on a busy machine: against
 `GET /v1/models` sent meanwhile (the same proxy and ingress, no scheduler), a refusal may take at
-most REJECT_VS_MODELS times as long. A refusal that waits on the Router (the design before the
+most REJECT_VS_MODELS times as long. A refusal that waits on the Engine (the design before the
 ingress refused on its own) measured 2.9x at the median; the ingress's own refusal 1.7x
 (RELIABILITY.md, which also records the absolute figures).
 """

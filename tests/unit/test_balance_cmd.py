@@ -10,7 +10,7 @@ import torch
 from router.balancer import ExpertLoadBalancer
 from router.gating import top_k_gating
 from router.placement import initial_placement
-from serving.cli import main
+from serving.cli.command import main
 
 GOAL = ["--simulate", "zipf:1.2", "--experts", "64", "--shards", "8", "--redundant", "16"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
@@ -196,20 +195,3 @@ def test_bad_inputs_raise():
         ExpertLoadBalancer([placement]).assign(0, torch.full((2, 2), 4), torch.ones(2, 2))
     with pytest.raises(ValueError, match=r"\[T, K\]"):
         ExpertLoadBalancer([placement]).assign(0, torch.zeros(4, dtype=torch.long), torch.ones(4))
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_router_and_expert_math_import_no_ray():
-    files = sorted((ROOT / "router").glob("*.py"))
-    files += [p for p in (ROOT / "experts/ffn.py", ROOT / "experts/checkpoint.py") if p.exists()]
-    assert files
-    assert [p.name for p in files if "ray" in _imports(p)] == []

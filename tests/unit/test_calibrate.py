@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from serving.calibrate import calibrated_options, load_calibration, prediction
-from serving.capacity import HardwareSpec, PlanOptions
-from serving.efficiency import EfficiencyBasis, fit, measure
+from serving.control.calibrate import calibrated_options, load_calibration, prediction
+from serving.control.capacity import HardwareSpec, PlanOptions
+from serving.control.efficiency import EfficiencyBasis, fit, measure
+from serving.control.steptime import PARTS, StepTotals
 from serving.errors import UserError
-from serving.steptime import PARTS, StepTotals
 
 BASIS = EfficiencyBasis(
     hardware="box", peak_flops=1e11, peak_source="measured", flops_per_token=2e7, devices=2

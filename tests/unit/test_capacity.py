@@ -5,7 +5,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from serving.capacity import (
+from serving.control.capacity import (
     HardwareSpec,
     ModelSpec,
     PlanOptions,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from serving.metrics import DEFAULT_METRICS_PORT
+from serving.control.metrics import DEFAULT_METRICS_PORT
 
 CLUSTER = Path(__file__).resolve().parents[2] / "configs" / "cluster.yaml"
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from serving.controller import (
+from serving.control.controller import (
     ControllerConfig,
     ControllerState,
     Observation,
@@ -20,7 +20,7 @@ from serving.controller import (
     plan_for,
     tokens_per_ms_per_device,
 )
-from serving.controller_loop import ControllerLoop, Counters, TokenWindow
+from serving.control.controller_loop import ControllerLoop, Counters, TokenWindow
 
 TARGET = 10.0
 PHASES = (

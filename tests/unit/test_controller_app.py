@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from serving.config import SchedulerConfig, ServeConfig
-from serving.controller import ControllerConfig, PhaseTarget
-from serving.controller_app import controller_config, deployment_plan
+from serving.control.controller import ControllerConfig, PhaseTarget
+from serving.control.controller_app import controller_config, deployment_plan
 
 
 def test_targets_come_from_the_planner_with_the_scheduler_as_fallback_base(demo_path):
@@ -35,10 +35,10 @@ def test_explicit_phases_skip_planning_and_a_bad_profile_only_holds(demo_path):
 def test_a_calibrated_deployment_gets_reachable_targets(demo_path, tmp_path):
     import json
 
-    from serving.efficiency import EfficiencyBasis
+    from serving.control.efficiency import EfficiencyBasis
 
     # A bench report of this (cpu) deployment: the plan's phase 1 becomes what it measured.
-    from serving.plan_cmd import load_model_spec
+    from serving.control.specs import load_model_spec
     from tests.unit import test_calibrate
 
     # A fixed hardware profile, not `cpu` measured now: the targets must not move with how busy

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serving import metrics
-from serving.cli import main
-from serving.dashboard_cmd import DATASOURCE_UID, dashboard_exprs, load_dashboard
+from serving.cli.command import main
+from serving.cli.dashboard import DATASOURCE_UID, dashboard_exprs, load_dashboard
+from serving.control import metrics
+from tests.support import free_port
 
 
 class FakeGrafana:
@@ -126,9 +126,7 @@ def one_error_line(capsys) -> str:
 
 
 def test_unreachable_grafana_is_one_line(capsys):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     assert provision(f"http://127.0.0.1:{port}", "--timeout", "2") == 2
     err = one_error_line(capsys)
     assert "Grafana unreachable" in err and f"127.0.0.1:{port}" in err

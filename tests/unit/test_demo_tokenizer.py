@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 
 from serving import load_model
-from serving.demo import CHAT_TEMPLATE, write_checkpoint
-from serving.tokenizer import TextTokenizer
+from serving.engine.demo import CHAT_TEMPLATE, write_checkpoint
+from serving.engine.tokenizer import TextTokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},

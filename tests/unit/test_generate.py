@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from serving import load_model
+from serving.engine.generate import generate
+from serving.engine.sampling import SamplingParams, sample
 from serving.errors import UserError
-from serving.generate import SamplingParams, generate, sample
 
 from ..conftest import REPO
 
@@ -80,13 +81,13 @@ def test_context_overflow_is_a_clear_error(model):
 
 
 def test_cli_generate_json_matches_library(model, demo_path):
-    from serving.tokenizer import TextTokenizer
+    from serving.engine.tokenizer import TextTokenizer
 
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "serving.cli",
+            "serving.cli.command",
             "generate",
             "--prompt",
             "Hello, world",

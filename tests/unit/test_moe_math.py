@@ -16,7 +16,7 @@ from experts.ffn import (
 from experts.pool import LocalExpertPool
 from router.dispatch import combine, group_by_slot
 from router.gating import renormalise, top_k_gating
-from serving.runner import moe_layer
+from serving.engine.moe_layer import moe_layer
 
 torch.manual_seed(0)
 

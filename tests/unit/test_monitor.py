@@ -1,4 +1,4 @@
-"""The router's monitoring without Ray: counters for the controller, metrics per step, and
+"""The engine's monitoring without Ray: counters for the controller, metrics per step, and
 decisions carried out on the expert pool and the scheduler."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from router.balancer import LayerStats, OverflowCounts
-from serving.controller import BatchSettings, Decision
-from serving.monitor import RouterMonitor, p99
-from serving.scheduler import RequestTiming, StepReport
+from serving.control.controller import BatchSettings, Decision
+from serving.control.monitor import EngineMonitor, p99
+from serving.engine.reports import RequestTiming, StepReport
 
 
 class FakeMetrics:
@@ -50,9 +50,8 @@ class FakePool:
 
 
 class FakeScheduler:
-    def __init__(self, pool) -> None:
-        self.model = SimpleNamespace(pool=pool)
-        self.tokens_generated, self.waiting = 42, deque([1, 2])
+    def __init__(self) -> None:
+        self.tokens_generated, self.tokens_processed, self.queue_depth = 42, 50, 2
         self.batches: list[tuple[int, int]] = []
 
     def set_batch(self, budget: int, slots: int) -> dict:
@@ -68,7 +67,7 @@ def step(finished=()) -> StepReport:
 
 def test_each_step_is_recorded_and_the_balancer_read_each_period():
     m, pool = FakeMetrics(), FakePool(2)
-    mon = RouterMonitor(FakeScheduler(pool), m, on_gpu=False, period_s=3600)
+    mon = EngineMonitor(FakeScheduler(), pool, m, on_gpu=False, period_s=3600)
     mon.on_step(step((RequestTiming(0.1, 0.5, 0.02), RequestTiming(0.2, 0.2, None))))
     names = [n for n, _ in m.calls]
     assert names.count("record_step") == 1 and names.count("record_request") == 2
@@ -83,15 +82,15 @@ def test_each_step_is_recorded_and_the_balancer_read_each_period():
 
 
 def test_counters_for_the_controller(monkeypatch):
-    monkeypatch.setattr(RouterMonitor, "_room_for_shard", lambda self: True)
-    mon = RouterMonitor(FakeScheduler(FakePool(2)), None, on_gpu=False)
+    monkeypatch.setattr(EngineMonitor, "_room_for_shard", lambda self: True)
+    mon = EngineMonitor(FakeScheduler(), FakePool(2), None, on_gpu=False)
     mon.on_step(step((RequestTiming(0.1, 0.5, 0.02),)))
     c = mon.counters()
     assert (c.tokens_generated, c.gpus, c.cpu_shards, c.queue_depth) == (42, 0, 2, 2)
     assert c.expert_load_cv == 0.4 and c.max_over_mean == 1.9
     assert c.p99_ttft_s == pytest.approx(0.1) and c.p99_tpot_s == pytest.approx(0.02)
     assert c.can_scale_out and c.can_scale_in and c.can_rebalance
-    local = RouterMonitor(FakeScheduler(SimpleNamespace()), None, on_gpu=True).counters()
+    local = EngineMonitor(FakeScheduler(), None, None, on_gpu=True).counters()
     assert (local.gpus, local.cpu_shards, local.expert_load_cv) == (1, 0, None)
     assert not (local.can_scale_out or local.can_scale_in or local.can_rebalance)
     assert p99(deque()) is None
@@ -103,15 +102,15 @@ def test_counters_for_the_controller(monkeypatch):
 )
 def test_shard_actions_go_to_the_pool(action, call):
     pool = FakePool(2)
-    RouterMonitor(FakeScheduler(pool), None, on_gpu=False).apply(
+    EngineMonitor(FakeScheduler(), pool, None, on_gpu=False).apply(
         Decision(action=action, reason="r")
     )
     assert pool.calls == [call]
 
 
 def test_batch_actions_go_to_the_scheduler_and_no_shards_refuses():
-    sched = FakeScheduler(SimpleNamespace())
-    mon = RouterMonitor(sched, None, on_gpu=False)
+    sched = FakeScheduler()
+    mon = EngineMonitor(sched, None, None, on_gpu=False)
     batch = BatchSettings(level=1, step_token_budget=1024, max_batch_slots=32, batch_wait_ms=5)
     done = mon.apply(Decision(action="batch_fallback", reason="r", batch=batch))
     assert sched.batches == [(1024, 32)] and done["level"] == 1

@@ -7,7 +7,8 @@ import json
 import torch
 
 from serving import load_model
-from serving.generate import SamplingParams, generate
+from serving.engine.generate import generate
+from serving.engine.sampling import SamplingParams
 
 
 def _hf(path):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from serving import cli
-from serving.capacity import PlanOptions, plan
+from serving.cli import command as cli
+from serving.control.capacity import PlanOptions, plan
+from serving.control.specs import load_hardware_spec, load_model_spec, measure_cpu
 from serving.errors import UserError
-from serving.plan_cmd import load_hardware_spec, load_model_spec, measure_cpu
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = [

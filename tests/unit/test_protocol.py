@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serving import protocol as p
+from serving.api import protocol as p
 from serving.config import ServeConfig, config_from_args, load_config
 from serving.errors import UserError
 
@@ -148,7 +148,7 @@ def test_repo_serve_yaml_loads_and_is_a_ray_serve_config():
     config = load_config(path)
     assert config.host == "127.0.0.1" and config.scheduler.max_batch_slots > 1
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    assert schema.applications[0].import_path == "serving.app:build_app"
+    assert schema.applications[0].import_path == "serving.api.app:build_app"
 
 
 def test_config_errors_are_one_line_naming_the_field(tmp_path):

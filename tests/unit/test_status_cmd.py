@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serving.cli import main
-from serving.controller_loop import STATUS_PATH, ActionRecord, StatusReport
-from serving.status_cmd import render
+from serving.api.protocol import STATUS_PATH
+from serving.cli.command import main
+from serving.cli.status import render
+from serving.control.controller_loop import ActionRecord, StatusReport
+from tests.support import free_port
 
 REPORT = StatusReport(
     tokens_per_ms_per_device=8.5,
@@ -76,9 +77,7 @@ def test_json_is_the_report(server, capsys):
 
 
 def test_unreachable_is_one_line(capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     assert main(["status", "--url", f"http://127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unreachable" in err and str(port) in err
@@ -96,7 +95,7 @@ def test_empty_report_renders():
 
 
 def test_breakdown_and_measured_factors_print_beside_the_plan():
-    from serving.steptime import PARTS
+    from serving.control.steptime import PARTS
 
     fractions = dict(zip(PARTS, (0.3, 0.2, 0.35, 0.1, 0.05), strict=True))
     factors = {"kernel": 0.0123, "communication": 0.41, "load_imbalance": 0.15,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from experts.timing import ExpertTime
-from serving.efficiency import EfficiencyBasis, fit, measure, predict
-from serving.steptime import PARTS, StepAccounting, StepTotals, split_step
+from serving.control.efficiency import EfficiencyBasis, fit, measure, predict
+from serving.control.steptime import PARTS, StepAccounting, StepTotals, split_step
 
 BASIS = EfficiencyBasis(
     hardware="test", peak_flops=1e12, peak_source="spec", flops_per_token=2e9, devices=2
