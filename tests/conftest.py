@@ -63,6 +63,8 @@ HF_CONFIGS = {
         rope_theta=10000.0,
         max_shard_size="50KB",
     ),
+    # a sliding window shorter than the test sequences: keys beyond it must be masked
+    "window-8": dict(sliding_window=8),
     # one KV head (multi-query), 6 experts, three layers, tied embeddings
     "mqa-6x": dict(
         num_key_value_heads=1,

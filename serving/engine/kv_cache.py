@@ -38,15 +38,17 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def write(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor, k, v) -> None:
-        """k, v [B, G, S, Dh] at positions [B, S] of the given slots (None: slots 0..B-1)."""
-        rows = torch.arange(k.shape[0], device=k.device) if slots is None else slots
-        # Advanced indices split by a slice put their broadcast shape first: [B, S, G, Dh].
-        self.k[layer][rows[:, None], :, positions] = k.transpose(1, 2)
-        self.v[layer][rows[:, None], :, positions] = v.transpose(1, 2)
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k, v) -> None:
+        """k, v [T, G, Dh]: token t's at position positions[t] of slot slots[t]."""
+        # Advanced indices split by a slice put their broadcast shape first: [T, G, Dh].
+        self.k[layer][slots, :, positions] = k
+        self.v[layer][slots, :, positions] = v
 
-    def read(self, layer: int, slots: torch.Tensor | None, batch: int, length: int):
-        """Keys and values [B, G, L, Dh] of the first `length` positions."""
-        if slots is None:
-            return self.k[layer, :batch, :, :length], self.v[layer, :batch, :, :length]
+    def read_rows(self, layer: int, slots: torch.Tensor, length: int):
+        """Keys and values [B, G, L, Dh] of the first `length` positions of each slot (a copy)."""
         return self.k[layer][slots, :, :length], self.v[layer][slots, :, :length]
+
+    def read_slot(self, layer: int, slot: int, length: int):
+        """Keys and values [1, G, L, Dh] of one slot's first `length` positions (a view)."""
+        k = self.k[layer, slot : slot + 1, :, :length]
+        return k, self.v[layer, slot : slot + 1, :, :length]

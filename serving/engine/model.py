@@ -1,5 +1,7 @@
-"""The Mixtral transformer: embeddings, RMSNorm, RoPE, grouped-query attention over the KV cache
-(serving/engine/kv_cache.py), the MoE layer (serving/engine/moe_layer.py), final norm and lm_head.
+"""The Mixtral transformer: embeddings, RMSNorm, grouped-query attention with RoPE over the KV cache
+(serving/engine/attention.py), the MoE layer (serving/engine/moe_layer.py), final norm, lm_head.
+A forward pass runs a flat step batch (serving/engine/step_batch.py): decode rows and prompt
+chunks of many sequences together; `model(input_ids [B, S])` builds one.
 
 Shape legend:
   B  sequences in the batch     S  new tokens per sequence     T = B*S tokens
@@ -16,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.checkpoint import Checkpoint, MixtralConfig
-from experts.gemm import linear
+from experts.gemm import Linear
 from experts.pool import ExpertPool
+from serving.engine.attention import apply_rope, attend, rope
 from serving.engine.kv_cache import KVCache
 from serving.engine.moe_layer import moe_layer
+from serving.engine.step_batch import StepBatch, rows_batch
 
 
 @dataclass
@@ -27,10 +31,10 @@ class DenseLayer:
     """The dense weights of one decoder layer (everything but the experts)."""
 
     attn_norm: torch.Tensor  # [D]
-    wqkv: torch.Tensor  # [(H + 2G) * Dh, D]: q, k, v projections fused into one GEMM
-    wo: torch.Tensor  # [D, H * Dh]
+    wqkv: Linear  # [(H + 2G) * Dh, D]: q, k, v projections fused into one GEMM
+    wo: Linear  # [D, H * Dh]
     moe_norm: torch.Tensor  # [D]
-    gate: torch.Tensor  # [E, D] router
+    gate: Linear  # [E, D] router
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,22 +42,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """positions [B, S] -> cos, sin [B, 1, S, Dh] (halves repeated, the rotate_half convention)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    )
-    freqs = positions[..., None].float() * inv_freq  # [B, S, Dh/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, S, Dh]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class MixtralModel(nn.Module):
@@ -65,7 +53,7 @@ class MixtralModel(nn.Module):
         embed: torch.Tensor,
         layers: list[DenseLayer],
         norm: torch.Tensor,
-        lm_head: torch.Tensor,
+        lm_head: Linear,
         pool: ExpertPool,
     ) -> None:
         super().__init__()
@@ -103,62 +91,39 @@ class MixtralModel(nn.Module):
         cache slot slots[b] (None: slot b), and attend to everything before them in that slot.
         """
         b, s = input_ids.shape
-        start = torch.as_tensor(start_pos, device=input_ids.device).reshape(-1).expand(b)
-        positions = start[:, None] + torch.arange(s, device=input_ids.device)  # [B, S]
-        fresh = cache is None or not bool(start.any())  # nothing earlier to attend to
-        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, self.dtype)
-        # A mask forces SDPA's slow math path; skip it where it would allow every key anyway:
-        # a fresh causal prefill, or one new token per row with every row at the same position.
-        uniform_step = s == 1 and bool((start == start[0]).all())
-        needs_mask = (not fresh and not uniform_step) or self._window_cuts(int(positions.max()) + 1)
-        mask = self._mask(positions) if needs_mask else None
-        h = F.embedding(input_ids, self.embed)  # [B, S, D]
-        for i, layer in enumerate(self.layers):
-            a = rms_norm(h, layer.attn_norm, self.config.rms_norm_eps)
-            h = h + self._attention(i, layer, a, cos, sin, mask, cache, slots, positions, fresh)
-            m = rms_norm(h, layer.moe_norm, self.config.rms_norm_eps).view(b * s, -1)  # [T, D]
-            h = h + moe_layer(m, layer.gate, self.pool, i, self.config.num_experts_per_tok).view(
-                b, s, -1
-            )
-        if last_only:
-            h = h[:, -1:]
-        return linear(rms_norm(h, self.norm, self.config.rms_norm_eps), self.lm_head)
+        if cache is None:  # the keys must live somewhere: a cache for this call alone
+            cache, slots, start_pos = self.new_cache(b, s), None, 0
+        start = torch.as_tensor(start_pos).reshape(-1).expand(b).tolist()
+        rows = list(range(b)) if slots is None else torch.as_tensor(slots).tolist()
+        logits = self.step(rows_batch(input_ids, start, rows, last_only), cache)  # [R, V]
+        return logits.view(b, -1, logits.shape[-1])
 
-    def _attention(
-        self, i, layer, x, cos, sin, mask, cache, slots, positions, fresh
-    ) -> torch.Tensor:
+    @torch.inference_mode()
+    def step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """Every token of a step at once (serving/engine/step_batch.py) -> logits [R, V] of
+        batch.logit_rows. The step reads each weight once, however many sequences it serves."""
         c = self.config
-        b, s, _ = x.shape
-        qkv = (
-            linear(x, layer.wqkv).reshape(b, s, -1, c.head_dim).transpose(1, 2)
-        )  # [B, H+2G, S, Dh]
+        cos, sin = rope(batch.positions, c.head_dim, c.rope_theta, self.dtype)  # [T, 1, Dh]
+        h = F.embedding(batch.ids, self.embed)  # [T, D]
+        for i, layer in enumerate(self.layers):
+            a = rms_norm(h, layer.attn_norm, c.rms_norm_eps)
+            h = h + self._attention(i, layer, a, cos, sin, batch, cache)
+            m = rms_norm(h, layer.moe_norm, c.rms_norm_eps)
+            h = h + moe_layer(m, layer.gate, self.pool, i, c.num_experts_per_tok)
+        h = rms_norm(h[batch.logit_rows], self.norm, c.rms_norm_eps)  # [R, D]
+        return self.lm_head(h)
+
+    def _attention(self, i, layer, x, cos, sin, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """x [T, D] -> [T, D]: q, k, v in one GEMM, RoPE, attention over the cache, output."""
+        c = self.config
+        t = x.shape[0]
+        qkv = layer.wqkv(x).view(t, -1, c.head_dim)  # [T, H+2G, Dh]
         q, k, v = qkv.split(
             [c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads], 1
         )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            cache.write(i, slots, positions, k, v)
-            if not fresh:
-                k, v = cache.read(i, slots, b, int(positions.max()) + 1)  # [B, G, L, Dh]
-        causal = mask is None and s > 1  # only a fresh prefill gets here with s > 1 and no mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )  # [B, H, S, Dh]
-        return linear(out.transpose(1, 2).reshape(b, s, -1), layer.wo)
-
-    def _window_cuts(self, s: int) -> bool:
-        w = self.config.sliding_window
-        return w is not None and s > w
-
-    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """[B, 1, S, L] True where query at positions[b, i] may see key j (causal, sliding window)."""
-        keys = torch.arange(int(positions.max()) + 1, device=positions.device)
-        q = positions[:, None, :, None]
-        allowed = keys <= q
-        w = self.config.sliding_window
-        if w is not None:
-            allowed &= keys > q - w
-        return allowed
+        out = attend(i, q, k, v, batch, cache, c.sliding_window)  # [T, H, Dh]
+        return layer.wo(out.reshape(t, -1))
 
     @classmethod
     def from_checkpoint(
@@ -185,13 +150,13 @@ class MixtralModel(nn.Module):
             layers.append(
                 DenseLayer(
                     attn_norm=t(f"{p}.input_layernorm.weight", (d,)),
-                    wqkv=torch.cat(qkv).contiguous(),
-                    wo=t(f"{p}.self_attn.o_proj.weight", (d, hd)),
+                    wqkv=Linear(torch.cat(qkv).contiguous()),
+                    wo=Linear(t(f"{p}.self_attn.o_proj.weight", (d, hd))),
                     moe_norm=t(f"{p}.post_attention_layernorm.weight", (d,)),
-                    gate=t(f"{p}.block_sparse_moe.gate.weight", (c.num_local_experts, d)),
+                    gate=Linear(t(f"{p}.block_sparse_moe.gate.weight", (c.num_local_experts, d))),
                 )
             )
         embed = t("model.embed_tokens.weight", (c.vocab_size, d))
         tied = c.tie_word_embeddings
-        lm_head = embed if tied else t("lm_head.weight", (c.vocab_size, d))
+        lm_head = Linear(embed if tied else t("lm_head.weight", (c.vocab_size, d)))
         return cls(c, embed, layers, t("model.norm.weight", (d,)), lm_head, pool)

@@ -40,6 +40,7 @@ from serving.engine.sampling import (
     token_logprobs,
 )
 from serving.engine.sequence import Sequence, StepPlan
+from serving.engine.step_batch import step_batch
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,8 @@ class Scheduler:
                 continue
             self._record(plan)
             tokens_before, finished = self.tokens_generated, []
-            for seq, logits in results:
-                timing = self._emit(seq, logits)
+            for seq, logits, greedy in results:
+                timing = self._emit(seq, logits, greedy)
                 if timing is not None:
                     finished.append(timing)
             self._step_end = time.perf_counter()
@@ -269,33 +270,24 @@ class Scheduler:
             budget -= n
         return StepPlan(decodes, prefills)
 
-    def _execute(self, plan: StepPlan) -> tuple[list[tuple[Sequence, torch.Tensor | None]], float]:
-        """Runs in the worker thread: the forward passes only, no scheduler state changes.
+    def _execute(self, plan: StepPlan) -> tuple[list[tuple], float]:
+        """Runs in the worker thread: the forward pass only, no scheduler state changes.
 
-        Returns each sequence with its next-token logits [V] (None for a partial prefill), and
-        the seconds the forward passes took.
+        Every decode row and prompt chunk of the step goes through the model in one pass
+        (serving/engine/step_batch.py), so the step reads the weights once. Returns each sequence
+        with its next-token logits [V] and greedy token (None, None for a partial prefill), and
+        the forward's seconds.
         """
         began = time.perf_counter()
-        out: list[tuple[Sequence, torch.Tensor | None]] = []
-        device = self.model.device
-        if plan.decodes:
-            ids = torch.tensor([[s.output[-1]] for s in plan.decodes], device=device)  # [B, 1]
-            start = torch.tensor([s.cached for s in plan.decodes], device=device)
-            slots = torch.tensor([s.slot for s in plan.decodes], device=device)
-            logits = self.model(ids, cache=self.cache, start_pos=start, slots=slots, last_only=True)
-            out += [(s, logits[i, -1]) for i, s in enumerate(plan.decodes)]
-        for seq, n in plan.prefills:
-            # Rows of one forward share S, so each prompt chunk is its own call (B=1).
-            chunk = torch.tensor([seq.prompt[seq.cached : seq.cached + n]], device=device)  # [1, S]
-            logits = self.model(
-                chunk,
-                cache=self.cache,
-                start_pos=seq.cached,
-                slots=torch.tensor([seq.slot], device=device),
-                last_only=True,
-            )
-            ends_prompt = seq.cached + n == len(seq.prompt)
-            out.append((seq, logits[0, -1] if ends_prompt else None))
+        decodes = [(s.output[-1], s.slot, s.cached) for s in plan.decodes]
+        chunks = [(seq.prompt[seq.cached : seq.cached + n], seq.slot, seq.cached,
+                   seq.cached + n == len(seq.prompt)) for seq, n in plan.prefills]  # fmt: skip
+        logits = self.model.step(step_batch(decodes, chunks, self.model.device), self.cache)
+        greedy = logits.argmax(dim=-1).tolist()  # [R]: one pass for every row
+        rows = iter(zip(logits, greedy, strict=True))  # decodes', then finished prompts' rows
+        out = [(s, *next(rows)) for s in plan.decodes]
+        out += [(seq, *next(rows)) if ends else (seq, None, None)
+                for (seq, _), (*_, ends) in zip(plan.prefills, chunks, strict=True)]  # fmt: skip
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)  # sampling would wait anyway: time the work
         return out, time.perf_counter() - began
@@ -311,12 +303,18 @@ class Scheduler:
         self.step_tokens.append(plan.tokens)
         self.max_step_batch = max(self.max_step_batch, len(plan.decodes))
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor | None) -> RequestTiming | None:
-        """Sample the sequence's next token from logits [V] and stream it; returns the
-        request's timing when this token finished it."""
+    def _emit(
+        self, seq: Sequence, logits: torch.Tensor | None, greedy: int | None
+    ) -> RequestTiming | None:
+        """Sample the sequence's next token from logits [V] (greedy: the step's argmax, taken
+        for every row at once) and stream it; returns the request's timing when this token
+        finished it."""
         if logits is None or seq.cancelled:
             return None
-        token = int(sample(logits[None], seq.params, seq.gen)[0])
+        if seq.params.temperature == 0.0:
+            token = greedy
+        else:
+            token = int(sample(logits[None], seq.params, seq.gen)[0])
         seq.output.append(token)
         self.tokens_generated += 1
         now = time.monotonic()

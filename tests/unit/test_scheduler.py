@@ -180,11 +180,11 @@ def test_a_failing_step_fails_its_requests_and_the_loop_survives(model):
         def new_cache(self, *a):
             return model.new_cache(*a)
 
-        def __call__(self, *a, **k):
+        def step(self, *a, **k):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("expert shard lost")
-            return model(*a, **k)
+            return model.step(*a, **k)
 
     async def main():
         s = Scheduler(Flaky(), SchedulerConfig(max_batch_slots=2, step_token_budget=32))

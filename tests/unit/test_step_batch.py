@@ -1,0 +1,32 @@
+"""One forward over a flat step batch (decode rows at different positions and prompt chunks,
+fresh and mid-prompt) gives each sequence the logits it gets alone."""
+
+from __future__ import annotations
+
+import torch
+
+from serving import load_model
+from serving.engine.step_batch import step_batch
+
+
+def test_a_mixed_step_equals_each_sequence_alone(hf_checkpoint):
+    model = load_model(hf_checkpoint)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (9, 14, 20, 12)]
+    # Sequences 0 and 1 are decoding (their prompts cached), 2 is mid-prompt (first 7 cached),
+    # 3 is fresh. Reference: each alone, in a cache of its own.
+    refs, cache = [], model.new_cache(4, 32)
+    for slot, (prompt, cached) in enumerate(zip(prompts, (9, 14, 7, 0), strict=True)):
+        if cached:
+            model(torch.tensor([prompt[:cached]]), cache=cache, slots=torch.tensor([slot]))
+    alone = model.new_cache(4, 32)
+    for slot, prompt in enumerate(prompts):
+        refs.append(model(torch.tensor([prompt]), cache=alone, slots=torch.tensor([slot]))[0, -1])
+    decodes = [(prompts[0][8], 0, 8), (prompts[1][13], 1, 13)]  # re-run each last prompt token
+    chunks = [(prompts[2][7:], 2, 7, True), (prompts[3], 3, 0, True)]
+    batch = step_batch(decodes, chunks)
+    assert batch.decode_ragged and batch.decode_keys == 14 and len(batch.spans) == 2
+    logits = model.step(batch, cache)  # [4, V]
+    for row, ref in enumerate(refs):
+        assert (logits[row] - ref).abs().max().item() < 1e-4
