@@ -17,15 +17,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from experts.gemm import linear
+from experts.gemm import Linear, linear
 
 
 @dataclass
 class ExpertWeights:
-    """Stacked weights of E experts: w13 [E, 2F, D] (w1 rows first, then w3), w2 [E, D, F]."""
+    """Stacked weights of E experts: w13 [E, 2F, D] (w1 rows first, then w3), w2 [E, D, F].
 
-    w13: torch.Tensor
-    w2: torch.Tensor
+    `packed_for_cpu()` turns them into one Linear per projection per expert, packed for the CPU
+    kernel (experts/gemm.py); the stacked tensors are then dropped (one copy of the weights, in
+    one layout), and `expert(e)` unpacks an expert where one is needed whole.
+    """
+
+    w13: torch.Tensor | None
+    w2: torch.Tensor | None
+    packed: list[tuple[Linear, Linear]] | None = None  # per expert: (w13, w2)
 
     @classmethod
     def stack(
@@ -38,10 +44,33 @@ class ExpertWeights:
 
     @property
     def num_experts(self) -> int:
-        return self.w13.shape[0]
+        return len(self.packed) if self.packed is not None else self.w13.shape[0]
+
+    def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (w13 [2F, D], w2 [D, F])."""
+        if self.packed is not None:
+            return self.packed[e][0].weight, self.packed[e][1].weight
+        return self.w13[e], self.w2[e]
 
     def to(self, device: torch.device | str) -> ExpertWeights:
+        if self.packed is not None:
+            return (
+                self
+                if torch.device(device).type == "cpu"
+                else ExpertWeights.stack(
+                    [(*w13.chunk(2), w2) for w13, w2 in map(self.expert, range(self.num_experts))]
+                ).to(device)
+            )
         return ExpertWeights(self.w13.to(device), self.w2.to(device))
+
+    def packed_for_cpu(self) -> ExpertWeights:
+        """The same experts packed for the CPU kernel where it applies; else unchanged."""
+        if self.packed is not None or self.w13.numel() == 0:
+            return self
+        layers = [(Linear(self.w13[e]), Linear(self.w2[e])) for e in range(self.num_experts)]
+        if layers[0][0].packed is None:  # not a float32 CPU tensor, or no kernel here
+            return self
+        return ExpertWeights(None, None, layers)
 
 
 def expert_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -62,6 +91,8 @@ def grouped_swiglu(
     """
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
+    if weights.packed is not None:
+        return _packed_swiglu(x, counts, weights.packed)
     if impl == "auto":
         impl = "grouped_mm" if grouped_mm_supported(x, weights) else "loop"
     if impl == "grouped_mm":
@@ -103,3 +134,15 @@ def _grouped_mm_swiglu(
     h = F.grouped_mm(x, weights.w13.transpose(1, 2), offs=offsets)  # [N, 2F]
     gate, up = h.chunk(2, dim=-1)
     return F.grouped_mm(F.silu(gate) * up, weights.w2.transpose(1, 2), offs=offsets)  # [N, D]
+
+
+def _packed_swiglu(x: torch.Tensor, counts: torch.Tensor, packed: list) -> torch.Tensor:
+    """One packed GEMM per projection per expert with rows (experts/cpu_kernels.py)."""
+    out = torch.empty_like(x)
+    start = 0
+    for (w13, w2), n in zip(packed, counts.tolist(), strict=True):
+        if n:
+            gate, up = w13(x[start : start + n]).chunk(2, dim=-1)  # [n, F] each
+            out[start : start + n] = w2(F.silu(gate) * up)
+        start += n
+    return out

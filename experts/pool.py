@@ -108,7 +108,7 @@ class LocalExpertPool:
             ExpertWeights.stack([ckpt.expert(layer, e, dtype) for e in range(c.num_local_experts)])
             for layer in range(c.num_hidden_layers)
         ]
-        return cls([w.to(device) for w in layers])
+        return cls([w.to(device).packed_for_cpu() for w in layers])
 
     def num_slots(self, layer: int) -> int:
         return self.layers[layer].num_experts

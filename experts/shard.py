@@ -84,7 +84,7 @@ class ExpertShard:
                 tensors.append(held)
             w13 = torch.stack([t[0] for t in tensors]) if tensors else torch.empty(0)
             w2 = torch.stack([t[1] for t in tensors]) if tensors else torch.empty(0)
-            layers.append(ExpertWeights(w13.to(self._device), w2.to(self._device)))
+            layers.append(ExpertWeights(w13.to(self._device), w2.to(self._device)).packed_for_cpu())
         with self._lock:
             self._versions[version] = layers
             self._experts[version] = [list(x) for x in layer_experts]
@@ -97,7 +97,8 @@ class ExpertShard:
                 if expert in experts[layer]:
                     i = experts[layer].index(expert)
                     w = self._versions[version][layer]
-                    return w.w13[i].cpu(), w.w2[i].cpu()
+                    w13, w2 = w.expert(i)
+                    return w13.cpu(), w2.cpu()
         return None
 
     def free(self, version: int) -> None:

@@ -72,12 +72,13 @@ def build(shape: tuple[int, int, int, int], device: str, dtype: torch.dtype):
 def run_case(
     name: str, shape, tokens: int, device: str, dtype, hbm_tb_s: float, iters: int
 ) -> dict:
+    from experts.gemm import Linear
     from serving.engine.moe_layer import moe_layer
 
     d, f, e, k = shape
     cfg, block, pool = build(shape, device, dtype)
     x = torch.randn(tokens, d, device=device, dtype=dtype)
-    gate = block.gate.weight.data
+    gate = Linear(block.gate.weight.data)
     w13 = torch.randn(2 * f, d, device=device, dtype=dtype) * 0.02
     w2 = torch.randn(d, f, device=device, dtype=dtype) * 0.02
 

@@ -22,4 +22,7 @@ echo "moe-serve: installing into $venv (first run only; a few minutes)" >&2
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -c "import torch" 2>/dev/null || "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
 "$venv/bin/python" -m pip install --quiet -e "$root${extra:+[$extra]}"
+# Build the packed CPU GEMM now (about a minute, once per machine) rather than at the first
+# request; where it cannot be built here, serving uses torch's GEMM and says so.
+"$venv/bin/python" -c "from experts import cpu_kernels; cpu_kernels.available()" || true
 echo "$hash $extra" > "$stamp"

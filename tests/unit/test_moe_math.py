@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from experts import cpu_kernels
 from experts.ffn import (
     ExpertWeights,
     _loop_swiglu,
@@ -13,6 +14,7 @@ from experts.ffn import (
     grouped_mm_supported,
     grouped_swiglu,
 )
+from experts.gemm import Linear
 from experts.pool import LocalExpertPool
 from router.dispatch import combine, group_by_slot
 from router.gating import renormalise, top_k_gating
@@ -103,17 +105,21 @@ def test_dispatch_groups_contiguously_and_combine_inverts():
     assert torch.allclose(out, x * w.sum(-1, keepdim=True))
 
 
-def test_moe_layer_equals_reference():
+@pytest.mark.parametrize("packed", [False, True])
+def test_moe_layer_equals_reference(packed):
     weights, experts = _weights(8, 32, 48)
+    if packed:
+        weights = weights.packed_for_cpu()
+        assert weights.packed is not None or not cpu_kernels.available()
     gate = torch.randn(8, 32)
     x = torch.randn(64, 32)
-    got = moe_layer(x, gate, LocalExpertPool([weights]), 0, top_k=2)
+    got = moe_layer(x, Linear(gate), LocalExpertPool([weights]), 0, top_k=2)
     assert torch.allclose(got, _reference_moe(x, gate, experts, 2), atol=1e-5)
 
 
 def test_one_expert_top1_is_a_dense_swiglu_ffn():
     weights, [(w1, w3, w2)] = _weights(1, 32, 48)
     x = torch.randn(20, 32)
-    got = moe_layer(x, torch.randn(1, 32), LocalExpertPool([weights]), 0, top_k=1)
+    got = moe_layer(x, Linear(torch.randn(1, 32)), LocalExpertPool([weights]), 0, top_k=1)
     dense = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     assert torch.allclose(got, dense, atol=1e-6)
