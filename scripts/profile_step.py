@@ -10,8 +10,8 @@ torch.profiler. Every operator's own time is attributed, by the Python function 
 expert GEMMs, dense GEMMs (QKV, output projection, gate logits), lm_head, attention (SDPA, RoPE,
 KV cache reads and writes), gating and dispatch (softmax, top-k, balancer, grouping, combine),
 norms and activations, sampling, and the rest; the wall time outside operators is Python and
-scheduling. Prints the table and the floor (bytes the step must read over the single-thread copy
-bandwidth measured in the same run).
+scheduling. Prints the table and the floor (bytes the step must read over the single-thread read
+bandwidth measured in the same run; scripts/bench_peer.py `floor`).
 """
 
 from __future__ import annotations
@@ -132,8 +132,7 @@ def main() -> None:
     decode_ms = timed(decode, args.repeats)
     prefill_parts, _ = profiled(prefill, max(2, args.repeats // 3))
     prefill_ms = timed(prefill, max(2, args.repeats // 3))
-    bandwidth = bench_peer.copy_bandwidth_gb_s()
-    nbytes = sum(bench_peer.decode_bytes(b).values())
+    step_floor = bench_peer.floor(b)
     report = {
         "command": " ".join(["scripts/profile_step.py", *sys.argv[1:]]),
         "decode": {
@@ -141,17 +140,14 @@ def main() -> None:
             "context": ctx,
             "step_ms": round(decode_ms, 2),
             "profile_ms": {k: round(v, 2) for k, v in decode_parts.items()},
-        },  # fmt: skip
+        },
         "prefill": {
             "tokens": args.chunk,
             "chunk_ms": round(prefill_ms, 2),
             "profile_ms": {k: round(v, 2) for k, v in prefill_parts.items()},
-        },  # fmt: skip
-        "floor": {
-            "bytes": nbytes,
-            "copy_gb_s": round(bandwidth, 2),
-            "decode_floor_ms": round(nbytes / bandwidth / 1e6, 2),
-        },  # fmt: skip
+        },
+        "floor": step_floor,
+        "machine": bench_peer.machine(),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -163,8 +159,9 @@ def main() -> None:
         for part, ms in r["profile_ms"].items():
             print(f"  {part:<45}{ms:8.2f}")
     f = report["floor"]
-    print(f"floor of a decode step: {f['decode_floor_ms']} ms ({f['bytes'] / 1e6:.0f} MB at "
-          f"{f['copy_gb_s']} GB/s, one thread)")  # fmt: skip
+    print(f"floor of a decode step: {f['floor_ms']} ms ({f['bytes'] / 1e6:.0f} MB at "
+          f"{f['read_gb_s']} GB/s read, one thread; {f['floor_ms_at_copy_rate']} ms at the "
+          f"{f['copy_gb_s']} GB/s copy rate); {report['machine']}")  # fmt: skip
 
 
 if __name__ == "__main__":
