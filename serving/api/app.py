@@ -3,6 +3,8 @@
     HTTP -> Ingress (FastAPI: auth, limits, validation, tokenization, SSE)
          -> Engine (scheduler: continuous batching over the KV cache; the model, whose experts
             live in-process or on ExpertShard actors)
+Each request is one `Engine.submit` call; its events come back on the one stream each ingress
+replica keeps open to the engine (serving/api/streams.py), one message per step for all of them.
 
 `build_app` is the builder Ray Serve's own tools call (`serve run configs/serve.yaml`, or
 `serve run serving.api.app:build_app model=DIR`); `moe-serve up` calls `application`.
@@ -21,8 +23,9 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from experts.pool import ElasticPool
+from serving.api.streams import Batch, EngineStreams, IngressStreams
 from serving.config import ServeConfig, config_from_args
-from serving.engine.requests import Admission, Event, Job
+from serving.engine.requests import Admission, Job
 from serving.errors import UserError
 
 APP_NAME = "moe-serve"
@@ -121,6 +124,8 @@ class Engine:
             accounting_window_s=config.monitoring.accounting_window_s,
         )
         self.scheduler.observer = self.monitor.on_step
+        self.streams = EngineStreams(self.scheduler)
+        self._closing: asyncio.Task | None = None  # closes the streams once drained
         self._monitor_task: asyncio.Task | None = None
         controller = config.monitoring.controller
         self.controller = _start_controller(config, plan) if controller else None
@@ -130,12 +135,20 @@ class Engine:
         if self._monitor_task is None or self._monitor_task.done():
             self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run())
 
-    async def generate(self, job: Job) -> AsyncIterator[Admission | list[Event]]:
-        from serving.engine.scheduler import run_job
-
+    async def submit(self, job: Job, stream: str, request: str) -> Admission:
+        """Admit a request (or refuse it: the queue is full); its events go to `stream`."""
         self._ensure_monitor()
-        async for item in run_job(self.scheduler, job):
-            yield item
+        return self.streams.submit(job, stream, request)
+
+    async def stream(self, stream: str) -> AsyncIterator[Batch]:
+        """One ingress replica's events, every request's, batched as they come
+        (serving/api/streams.py)."""
+        async for batch in self.streams.stream(stream):
+            yield batch
+
+    async def cancel(self, request: str) -> None:
+        """The client went away: stop generating for it."""
+        self.streams.cancel(request)
 
     async def counters(self) -> dict:
         """What the controller reads each period (serving/control/controller_loop.py Counters)."""
@@ -180,9 +193,17 @@ class Engine:
         return self.scheduler.stats() | {"in_flight": self.scheduler.in_flight}
 
     async def drain(self) -> dict:
-        """Refuse new requests (503) from now on; those in flight go on to the end."""
+        """Refuse new requests (503) from now on; those in flight go on to the end, then the
+        event streams to the ingress replicas close."""
         self.scheduler.draining = True
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close_when_idle())
         return await self.stats()
+
+    async def _close_when_idle(self) -> None:
+        while self.scheduler.in_flight:
+            await asyncio.sleep(0.05)
+        self.streams.close()
 
 
 @serve.deployment(name="Ingress")
@@ -202,10 +223,12 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from serving.api.ingress import build_api
 
-        return build_api(self._generate, self._stats, self.info, self.config, self._status)
-
-    def _generate(self, job: Job) -> AsyncIterator[Admission | list[Event]]:
-        return self.engine.options(stream=True).generate.remote(job)
+        streams = IngressStreams(
+            submit=lambda job, stream, request: self.engine.submit.remote(job, stream, request),
+            open_stream=lambda stream: self.engine.options(stream=True).stream.remote(stream),
+            cancel=lambda request: self.engine.cancel.remote(request),
+        )
+        return build_api(streams.generate, self._stats, self.info, self.config, self._status)
 
     async def _stats(self) -> dict:
         return await self.engine.stats.remote()

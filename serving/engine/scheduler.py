@@ -31,7 +31,7 @@ from serving.config import SchedulerConfig
 from serving.engine.detokenize import Decode, TextStream
 from serving.engine.model import MixtralModel
 from serving.engine.reports import RequestTiming, StepObserver, StepReport
-from serving.engine.requests import Admission, Event, Job
+from serving.engine.requests import Event
 from serving.engine.sampling import (
     ContextTooLong,
     SamplingParams,
@@ -347,17 +347,3 @@ class Scheduler:
                 seq.events.put_nowait(
                     Event(finish_reason="error", error=error, retryable=retryable)
                 )
-
-
-async def run_job(scheduler: Scheduler, job: Job) -> AsyncIterator[Admission | list[Event]]:
-    """What the Engine deployment serves: an Admission first (admitted, or refused because the
-    queue is full), then batches of the request's events. Closing this generator early (client
-    gone) cancels the request."""
-    try:
-        seq = scheduler.submit(list(job.prompt), job.params, job.stop, job.logprobs)
-    except QueueFull as exc:
-        yield Admission(False, str(exc))
-        return
-    yield Admission(True)
-    async for events in scheduler.stream_batches(seq):
-        yield events

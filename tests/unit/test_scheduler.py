@@ -11,9 +11,8 @@ from serving import load_model
 from serving.config import SchedulerConfig
 from serving.engine.detokenize import TextStream
 from serving.engine.generate import generate
-from serving.engine.requests import Admission, Job
 from serving.engine.sampling import SamplingParams
-from serving.engine.scheduler import QueueFull, Scheduler, run_job
+from serving.engine.scheduler import QueueFull, Scheduler
 from serving.engine.tokenizer import TextTokenizer
 
 
@@ -199,23 +198,6 @@ def test_a_failing_step_fails_its_requests_and_the_loop_survives(model):
         generate(model, prompts(1)[0], SamplingParams(max_tokens=3))
     )
     assert len(s.free_slots) == 2
-
-
-def test_run_job_says_admitted_or_rejected_first(model):
-    job = Job(tuple(prompts(1)[0]), SamplingParams(max_tokens=2))
-
-    async def main():
-        s = Scheduler(model, SchedulerConfig(max_batch_slots=1, step_token_budget=8, max_queue=0))
-        busy = run_job(s, job)
-        assert await anext(busy) == Admission(True)
-        refused = [x async for x in run_job(s, job)]
-        rest = [x async for x in busy]
-        return refused, rest
-
-    refused, rest = run(main())
-    assert len(refused) == 1 and not refused[0].admitted and refused[0].reason
-    events = [e for batch in rest for e in batch]
-    assert [e.finish_reason for e in events] == [None, "length"]
 
 
 def test_a_slow_reader_gets_its_tokens_in_batches(model):

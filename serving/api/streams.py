@@ -1,0 +1,158 @@
+"""One stream of events from the engine to each ingress replica, instead of one per request.
+
+Every decode step produces one event batch per running request. Sent as a streaming call per
+request, that is a Ray message per request per step through the engine's event loop, competing
+with the forward pass for its core (BENCHMARKS.md: HTTP at 0.684-0.82 of the engine alone). Here
+each ingress replica opens one stream to the engine and the engine sends, per step, one message
+holding every new event of that replica's requests; the ingress hands them to its requests.
+
+    ingress                                 engine
+    IngressStreams.generate(job)   ---->    EngineStreams.submit(job, stream, request)  -> Admission
+    (one reader task per replica)  <----    EngineStreams.stream(stream): [(request, [Event])]...
+    client gone                    ---->    EngineStreams.cancel(request)
+
+If the stream breaks (the engine replica restarted), the requests waiting on it end with a
+retryable error event and the next request opens a new stream. When a stream closes (its ingress
+went away), the engine cancels that stream's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from serving.engine.requests import Admission, Event, Job
+from serving.engine.scheduler import QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[str, list[Event]]]  # (request id, its new events), every request with news
+
+
+class EngineStreams:
+    """The engine's side: requests by stream, their events queued per stream."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        # None in a queue ends its stream (close()).
+        self._queues: dict[str, asyncio.Queue[tuple[str, list[Event]] | None]] = defaultdict(
+            asyncio.Queue
+        )
+        self._pumps: dict[str, asyncio.Task] = {}  # request id -> the task moving its events
+        self._streams: dict[str, set[str]] = defaultdict(set)  # stream id -> its request ids
+
+    def submit(self, job: Job, stream: str, request: str) -> Admission:
+        try:
+            seq = self.scheduler.submit(list(job.prompt), job.params, job.stop, job.logprobs)
+        except QueueFull as exc:
+            return Admission(False, str(exc))
+        queue = self._queues[stream]
+        self._streams[stream].add(request)
+        task = asyncio.get_running_loop().create_task(self._pump(seq, queue, request))
+        self._pumps[request] = task
+        task.add_done_callback(lambda _: self._forget(stream, request))
+        return Admission(True)
+
+    async def _pump(self, seq, queue: asyncio.Queue, request: str) -> None:
+        async for events in self.scheduler.stream_batches(seq):
+            queue.put_nowait((request, events))
+
+    def _forget(self, stream: str, request: str) -> None:
+        self._pumps.pop(request, None)
+        self._streams.get(stream, set()).discard(request)
+
+    def close(self) -> None:
+        """End every stream (once its queued events are sent): the engine is shutting down, and
+        an open stream would hold the replica's graceful shutdown to its timeout."""
+        for queue in self._queues.values():
+            queue.put_nowait(None)
+
+    def cancel(self, request: str) -> None:
+        """The client went away: stop generating for it (its pump's close cancels it)."""
+        task = self._pumps.get(request)
+        if task is not None:
+            task.cancel()
+
+    async def stream(self, stream: str) -> AsyncIterator[Batch]:
+        """Every event of the stream's requests, as they come: each item holds all that waited,
+        so a step's events for all of them travel as one message."""
+        queue = self._queues[stream]
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                batch = [item for item in items if item is not None]
+                if batch:
+                    yield batch
+                if None in items:  # close(): the engine is shutting down
+                    return
+        finally:  # the ingress went away: nobody will read its requests' events
+            for request in list(self._streams.pop(stream, ())):
+                self.cancel(request)
+            self._queues.pop(stream, None)
+
+
+class IngressStreams:
+    """The ingress's side: one stream from the engine, read by one task, handed out per request.
+
+    submit(job, stream, request) -> Awaitable[Admission]; open(stream) -> the engine's stream;
+    cancel(request) tells the engine a client went away."""
+
+    def __init__(
+        self,
+        submit: Callable[[Job, str, str], Awaitable[Admission]],
+        open_stream: Callable[[str], AsyncIterator[Batch]],
+        cancel: Callable[[str], None],
+    ) -> None:
+        self._submit, self._open, self._cancel = submit, open_stream, cancel
+        self._inboxes: dict[str, asyncio.Queue[list[Event]]] = {}
+        self._stream_id: str | None = None
+        self._reader: asyncio.Task | None = None
+
+    def _ensure_reader(self) -> str:
+        if self._reader is None or self._reader.done():
+            self._stream_id = uuid.uuid4().hex
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._stream_id))
+        return self._stream_id
+
+    async def _read(self, stream: str) -> None:
+        try:
+            async for batch in self._open(stream):
+                for request, events in batch:
+                    inbox = self._inboxes.get(request)
+                    if inbox is not None:
+                        inbox.put_nowait(events)
+            error = "the engine closed the event stream"
+        except Exception as exc:  # the engine replica failed: its requests are lost
+            log.warning("event stream from the engine broke: %s", exc)
+            error = f"the engine's event stream broke ({type(exc).__name__}); retry"
+        lost = Event(finish_reason="error", error=error, retryable=True)
+        for inbox in list(self._inboxes.values()):
+            inbox.put_nowait([lost])
+
+    async def generate(self, job: Job) -> AsyncIterator[Admission | list[Event]]:
+        """What the ingress's routes consume (serving/api/ingress.py Generate)."""
+        stream, request = self._ensure_reader(), uuid.uuid4().hex
+        inbox: asyncio.Queue[list[Event]] = asyncio.Queue()
+        self._inboxes[request] = inbox  # before submitting: no event can arrive unclaimed
+        finished = False
+        try:
+            admission = await self._submit(job, stream, request)
+            yield admission
+            if not admission.admitted:
+                finished = True
+                return
+            while not finished:
+                events = await inbox.get()
+                finished = events[-1].finish_reason is not None
+                yield events
+        finally:
+            self._inboxes.pop(request, None)
+            if not finished:
+                with contextlib.suppress(Exception):
+                    self._cancel(request)
