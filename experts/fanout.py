@@ -49,16 +49,16 @@ class CompiledGraph:
         with InputNode() as inp:
             outs = [a.compute.bind(inp[0], inp[1], inp[2 + s], inp[2 + n + s])
                     for s, a in enumerate(self.actors)]  # fmt: skip
-            # One execution at a time is all the pool needs (each layer waits for its results).
-            # Ray's default of 10 in flight keeps 10 sets of buffers in this process, ~60 MiB per
-            # compile that teardown did not give back (measured: RSS +60 MiB per shard
-            # replacement; with 1, +6 MiB).
-            self._graph = MultiOutputNode(outs).experimental_compile(_max_inflight_executions=1)
+            # Two executions in flight: two micro-batches (serving/engine/model.py). Ray's
+            # default of 10 keeps 10 sets of buffers in this process, ~60 MiB per compile that
+            # teardown did not give back (measured: RSS +60 MiB per shard replacement; with 1,
+            # +6 MiB).
+            self._graph = MultiOutputNode(outs).experimental_compile(_max_inflight_executions=2)
 
-    def run(self, version: int, layer: int, xs: list, counts: list, timeout_s: float) -> list:
-        """[(y numpy, seconds)] per shard; raises when a shard died or hung."""
-        refs = self._graph.execute(version, layer, *xs, *counts)
-        return ray.get(refs, timeout=timeout_s)
+    def execute(self, version: int, layer: int, xs: list, counts: list) -> list:
+        """Start one execution; ray.get of the refs gives [(y numpy, seconds)] per shard, and
+        raises when a shard died or hung."""
+        return self._graph.execute(version, layer, *xs, *counts)
 
     def teardown(self, background: bool = True) -> None:
         """Release the graph; with a dead actor inside this can take seconds, so by default it
@@ -98,55 +98,69 @@ class Fanout:
         if old is not None and old is not graph:
             old.teardown()
 
-    def run(self, actors: list, dead: set[int], version: int, layer: int,
-            placement: Placement, x: torch.Tensor, counts: torch.Tensor,
-            shard_s: list[float]) -> torch.Tensor:  # fmt: skip
-        """x [N, D] grouped by slot, counts [P] host rows per slot -> [N, D]; adds each shard's
-        compute seconds to shard_s."""
-        ranges = placement.shard_ranges()
-        ends = [0, *torch.cumsum(counts, 0).tolist()]
-        rows = [(ends[first], ends[last]) for first, last in ranges]  # each shard's rows
+    def start(self, actors: list, dead: set[int], version: int, layer: int,
+              placement: Placement, x: torch.Tensor, counts: torch.Tensor,
+              shard_s: list[float]) -> InFlight:  # fmt: skip
+        """Send x [N, D] grouped by slot (counts [P] host rows per slot) to the shards; the
+        InFlight's result() is [N, D] and adds each shard's compute seconds to shard_s."""
+        job = InFlight(self, actors, dead, version, layer, placement, x, counts, shard_s)
         if self.graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
-            y = self._compiled(version, layer, x, counts, ranges, rows, shard_s)
-            if y is not None:
-                return y
-        calls = {
-            shard: (
-                start,
-                end,
-                call_shard(actors[shard], version, layer, x[start:end], counts[first:last]),
-            )  # fmt: skip
-            for shard, ((first, last), (start, end)) in enumerate(zip(ranges, rows, strict=True))
-            if end > start and shard not in dead
-        }
-        out = torch.empty_like(x)
-        failed = self._collect(calls, out, shard_s)
-        for shard, ((first, last), (start, end)) in enumerate(zip(ranges, rows, strict=True)):
-            if end > start and (shard in failed or shard not in calls):
-                out[start:end] = self._redirect(actors, dead, version, layer, placement,
-                                                (first, last), counts, x[start:end], shard_s)  # fmt: skip
-        return out
+            job.refs = self._execute(job)
+        if job.refs is None:
+            job.calls = self._plain(job)
+        return job
 
-    def _compiled(self, version, layer, x, counts, ranges, rows, shard_s) -> torch.Tensor | None:
-        """One execution of the compiled fan-out: every shard gets its rows (maybe none).
-        None when the graph failed: the caller then uses plain calls."""
-        xs = [to_numpy(x[start:end]) for start, end in rows]
-        cs = [counts[first:last].numpy() for first, last in ranges]
+    def _execute(self, job: InFlight):
+        """Start one execution of the compiled fan-out (every shard gets its rows, maybe none);
+        None when there is no graph any more."""
+        xs = [to_numpy(job.x[start:end]) for start, end in job.rows]
+        cs = [job.counts[first:last].numpy() for first, last in job.ranges]
         with self.lock:
-            graph = self.graph
-            if graph is None:
+            if self.graph is None:
                 return None
-            try:
-                ys = graph.run(version, layer, xs, cs, self.call_timeout_s)
-            except Exception as exc:  # a shard died or hung: plain calls find which
-                self.graph = None
-                graph.teardown()
-                self.events.append(f"compiled graph torn down: {type(exc).__name__}")
-                log.warning("compiled graph failed (%s); serving through plain calls", exc)
-                return None
+            job.graph = self.graph
+            return self.graph.execute(job.version, job.layer, xs, cs)
+
+    def _plain(self, job: InFlight) -> dict:
+        """One plain actor call per shard with rows: {shard: (start, end, ref)}."""
+        calls = {}
+        for shard, ((first, last), (start, end)) in enumerate(
+            zip(job.ranges, job.rows, strict=True)
+        ):
+            if end > start and shard not in job.dead:
+                ref = call_shard(job.actors[shard], job.version, job.layer, job.x[start:end],
+                                 job.counts[first:last])  # fmt: skip
+                calls[shard] = (start, end, ref)
+        return calls
+
+    def _compiled_result(self, job: InFlight) -> torch.Tensor | None:
+        """The compiled execution's outputs; None when it failed (a shard died or hung: the
+        graph is torn down and plain calls find which)."""
+        try:
+            ys = ray.get(job.refs, timeout=self.call_timeout_s)
+        except Exception as exc:
+            with self.lock:
+                if self.graph is job.graph:
+                    self.graph = None
+                    job.graph.teardown()
+                    self.events.append(f"compiled graph torn down: {type(exc).__name__}")
+            log.warning("compiled graph failed (%s); serving through plain calls", exc)
+            return None
         for s, (_, seconds) in enumerate(ys):
-            shard_s[s] += seconds
-        return torch.cat([from_numpy(y, self.dtype, x.device) for y, _ in ys])
+            job.shard_s[s] += seconds
+        return torch.cat([from_numpy(y, self.dtype, job.x.device) for y, _ in ys])
+
+    def _plain_result(self, job: InFlight) -> torch.Tensor:
+        out = torch.empty_like(job.x)
+        failed = self._collect(job.calls, out, job.shard_s)
+        for shard, ((first, last), (start, end)) in enumerate(
+            zip(job.ranges, job.rows, strict=True)
+        ):
+            if end > start and (shard in failed or shard not in job.calls):
+                out[start:end] = self._redirect(job.actors, job.dead, job.version, job.layer,
+                                                job.placement, (first, last), job.counts,
+                                                job.x[start:end], job.shard_s)  # fmt: skip
+        return out
 
     def _collect(self, calls: dict, out: torch.Tensor, shard_s: list[float]) -> set[int]:
         """Wait for every call (bounded by the timeout); fill `out` and each shard's compute
@@ -205,3 +219,26 @@ class Fanout:
                 )
             alt[slot] = live[expert][slot % len(live[expert])]
         return alt
+
+
+class InFlight:
+    """One layer's fan-out on its way: result() waits, falling back to plain calls (and to live
+    copies of a failed shard's experts) as the blocking form would."""
+
+    def __init__(self, fanout: Fanout, actors, dead, version, layer, placement, x, counts,
+                 shard_s) -> None:  # fmt: skip
+        self.fanout, self.actors, self.dead = fanout, actors, dead
+        self.version, self.layer, self.placement = version, layer, placement
+        self.x, self.counts, self.shard_s = x, counts, shard_s
+        self.ranges = placement.shard_ranges()
+        ends = [0, *torch.cumsum(counts, 0).tolist()]
+        self.rows = [(ends[first], ends[last]) for first, last in self.ranges]  # each shard's
+        self.refs, self.graph, self.calls = None, None, None
+
+    def result(self) -> torch.Tensor:
+        if self.refs is not None:
+            y = self.fanout._compiled_result(self)
+            if y is not None:
+                return y
+            self.calls = self.fanout._plain(self)
+        return self.fanout._plain_result(self)

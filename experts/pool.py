@@ -36,7 +36,33 @@ class ExpertUnavailableError(RuntimeError):
     fail fast, and retrying shortly succeeds."""
 
 
+class Pending(Protocol):
+    """Expert outputs on their way (experts/pool.py ExpertPool.start)."""
+
+    def result(self) -> torch.Tensor:
+        """Wait for them: [N, D], in dispatch order."""
+        ...
+
+
+class Ready:
+    """A Pending computed already (a pool in this process has nothing to overlap)."""
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self.y = y
+
+    def result(self) -> torch.Tensor:
+        return self.y
+
+
 class ExpertPool(Protocol):
+    # Whether starting a layer's experts returns before they are done, so that the engine can
+    # compute something else meanwhile (two micro-batches in flight): True for shards elsewhere.
+    overlaps: bool
+
+    def begin_step(self) -> None:
+        """A step begins: nothing is in flight, so a pool may switch placements here."""
+        ...
+
     def num_slots(self, layer: int) -> int:
         """Physical slots of this layer (slot ids are 0..S-1)."""
         ...
@@ -45,8 +71,9 @@ class ExpertPool(Protocol):
         """Gating of T tokens -> (slots [T, K] with -1 for a dropped pair, weights [T, K])."""
         ...
 
-    def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        """x [N, D] pairs grouped by slot as in `dispatch` -> expert outputs [N, D], same order."""
+    def start(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> Pending:
+        """Start the experts on x [N, D], pairs grouped by slot as in `dispatch`; the Pending's
+        result is their outputs [N, D], same order."""
         ...
 
     def step_time(self) -> ExpertTime:
@@ -94,6 +121,8 @@ class ElasticPool(ExpertPool, Protocol):
 class LocalExpertPool:
     """Every logical expert once, in this process: slot id == expert id."""
 
+    overlaps = False
+
     def __init__(self, layers: list[ExpertWeights]) -> None:
         self.layers = layers
         self.timing = True  # off: compute is not timed
@@ -116,15 +145,18 @@ class LocalExpertPool:
     def assign(self, layer: int, gating: Gating) -> tuple[torch.Tensor, torch.Tensor]:
         return gating.experts, gating.weights
 
-    def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    def begin_step(self) -> None:
+        pass  # one placement, always
+
+    def start(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> Ready:
         # On CUDA kernels run asynchronously, so this times their launch; the engine's
         # expert-parallel form (ExpertShard on its own device) times the kernels themselves.
-        start = time.perf_counter()
+        began = time.perf_counter()
         y = grouped_swiglu(x, dispatch.counts, self.layers[layer])
         if self.timing:
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - began
             self._times.add_layer(seconds, [seconds])  # one "shard": no transport, no imbalance
-        return y
+        return Ready(y)
 
     def step_time(self) -> ExpertTime:
         times, self._times = self._times, ExpertTime()

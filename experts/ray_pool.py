@@ -32,7 +32,8 @@ import ray
 import torch
 
 from experts.checkpoint import MixtralConfig
-from experts.fanout import CompiledGraph, Fanout
+from experts.fanout import CompiledGraph, Fanout, InFlight
+from experts.pool import Pending
 from experts.shard import ExpertShard
 from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S, ShardResources, wait_for_room
 from experts.timing import ExpertTime
@@ -60,6 +61,8 @@ def ensure_ray() -> None:
 class RayExpertPool:
     """Experts of every layer on `num_shards` ExpertShard actors, `redundant` extra copies."""
 
+    overlaps = True  # start() returns while the shards compute
+
     def __init__(
         self,
         checkpoint: str,
@@ -69,6 +72,7 @@ class RayExpertPool:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         balancer: ExpertLoadBalancer | None = None,
+        overflow: str = "split",
         call_timeout_s: float = 30.0,
         load_timeout_s: float = 600.0,
         transport: str = "compiled",
@@ -84,7 +88,9 @@ class RayExpertPool:
         self.num_shards, self.redundant = num_shards, redundant
         self.call_timeout_s, self.load_timeout_s = call_timeout_s, load_timeout_s
         first = initial_placement(config.num_local_experts, num_shards, redundant)
-        self.balancer = balancer or ExpertLoadBalancer([first] * config.num_hidden_layers)
+        self.balancer = balancer or ExpertLoadBalancer(
+            [first] * config.num_hidden_layers, overflow=overflow
+        )
         self.version = 0
         self._dead: set[int] = set()
         self._lock = threading.Lock()
@@ -117,9 +123,10 @@ class RayExpertPool:
     def num_slots(self, layer: int) -> int:
         return self.balancer.placement(layer).num_slots
 
+    def begin_step(self) -> None:
+        self._switch_if_ready()  # between two steps: every layer of a step sees one version
+
     def assign(self, layer: int, gating: Gating) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer == 0:
-            self._switch_if_ready()  # between two batches: every layer of a batch sees one version
         a = self.balancer.assign(layer, gating.experts, gating.weights, gating.probs)
         return a.slots, a.weights
 
@@ -128,17 +135,16 @@ class RayExpertPool:
         times, self._times = self._times, ExpertTime()
         return times
 
-    def compute(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
-        """x [N, D] grouped by slot -> [N, D]; one concurrent call per shard with rows."""
-        start = time.perf_counter()
+    def start(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> Pending:
+        """x [N, D] grouped by slot -> (later) [N, D]; one concurrent call per shard with rows,
+        sent now; the caller may compute something else before it asks for the result."""
+        began = time.perf_counter()
         shard_s = [0.0] * self.num_shards  # each shard's own compute time in this layer
         # Host row counts: they travel as numpy (the model may be on a GPU).
-        y = self.fanout.run(self.shards, self._dead, self.version, layer,
-                            self.balancer.placement(layer), x, dispatch.counts.cpu(),
-                            shard_s)  # fmt: skip
-        if self.timing:
-            self._times.add_layer(time.perf_counter() - start, shard_s)
-        return y
+        job = self.fanout.start(self.shards, self._dead, self.version, layer,
+                                self.balancer.placement(layer), x, dispatch.counts.cpu(),
+                                shard_s)  # fmt: skip
+        return _Timed(job, began, shard_s, self._times if self.timing else None)
 
     def _compile(self) -> None:
         """Compile the fan-out over the current actors; any failure leaves plain calls in
@@ -319,3 +325,21 @@ class RayExpertPool:
                 ray.kill(actor)
             except Exception:
                 pass
+
+
+class _Timed:
+    """A fan-out in flight that, when its result is taken, records the layer for the step
+    accounting: the round trip from sending to the result, and how much of it the caller spent
+    waiting (all of it but the time it computed something else between sending and asking)."""
+
+    def __init__(self, job: InFlight, began: float, shard_s: list[float], times) -> None:
+        self.job, self.began, self.shard_s, self.times = job, began, shard_s, times
+        self.sent = time.perf_counter()
+
+    def result(self) -> torch.Tensor:
+        asked = time.perf_counter()
+        y = self.job.result()
+        if self.times is not None:
+            round_trip = time.perf_counter() - self.began
+            self.times.add_layer(round_trip, self.shard_s, round_trip - (asked - self.sent))
+        return y

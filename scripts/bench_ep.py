@@ -45,9 +45,10 @@ def transport_overhead(local, pools: dict, tokens: int, rounds: int) -> dict:
         slots, _ = pool.assign(0, gating)
         dispatch = group_by_slot(slots, pool.num_slots(0))
         xs = x[dispatch.token_idx]
-        pool.compute(0, xs, dispatch)  # warm
+        pool.start(0, xs, dispatch).result()  # warm
         row[name] = statistics.median(
-            seconds(lambda p=pool, xs=xs, ds=dispatch: p.compute(0, xs, ds)) for _ in range(rounds)
+            seconds(lambda p=pool, xs=xs, ds=dispatch: p.start(0, xs, ds).result())
+            for _ in range(rounds)
         )
     out = {f"{k}_ms": round(v * 1e3, 3) for k, v in row.items()}
     for name in pools:

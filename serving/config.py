@@ -175,6 +175,14 @@ class ServeConfig(BaseModel):
     # How long to wait for the cluster to have room for the shards (an autoscaler may need
     # minutes to add a node) before failing with one line; progress is reported every 10 s.
     placement_timeout_s: float = Field(120.0, gt=0)
+    # With shards: steps of at least this many tokens run as two micro-batches in flight (one's
+    # experts compute while the engine runs the other's attention); 0 never. Measure before
+    # turning it on (scripts/bench_microbatch.py): on 2 CPU cores it lost (BENCHMARKS.md).
+    micro_batch_min_tokens: int = Field(0, ge=0)
+    # Token-expert pairs over a slot's capacity (router/balancer.py): `split` to another copy of
+    # the same expert (lossless, the default), `reroute` to the token's next-best expert or
+    # `drop` them (both change outputs; counted per layer in GET /v1/moe/status). Shards only.
+    overflow: Literal["split", "reroute", "drop"] = "split"
     # Ray Serve's default of 5 silently caps concurrency (ARCHITECTURE.md section 7): set it here.
     max_ongoing_requests: int = Field(256, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
@@ -193,6 +201,15 @@ class ServeConfig(BaseModel):
     # Controller thresholds, batch strategy and fallback; targets (phases, ceiling, memory limit)
     # come from the planner unless `controller.phases` is given.
     controller: ControllerConfig = ControllerConfig()
+
+    @model_validator(mode="after")
+    def _overflow_needs_shards(self) -> ServeConfig:
+        if self.overflow != "split" and not self.expert_shards:
+            raise ValueError(
+                f"overflow: {self.overflow!r} needs expert_shards > 0 (in process no expert has "
+                "a capacity to overflow)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _router_takes_the_queue(self) -> ServeConfig:

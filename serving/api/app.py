@@ -79,6 +79,7 @@ def load_serving_model(config: ServeConfig):
     if config.expert_shards:
         options["call_timeout_s"] = config.expert_call_timeout_s  # RayExpertPool's hang bound
         options |= dict(
+            overflow=config.overflow,
             shard_cpus=config.shard_cpus,
             shard_gpus=config.shard_gpus,
             placement_timeout_s=config.placement_timeout_s,
@@ -109,6 +110,7 @@ class Engine:
 
         torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) - 1))
         model = load_serving_model(config)
+        model.split_min_tokens = config.micro_batch_min_tokens
         # With shards the model's pool is the Ray pool: handed to whoever operates it.
         self.pool: ElasticPool | None = model.pool if config.expert_shards else None
         tokenizer = TextTokenizer(model_dir(config))
@@ -177,7 +179,10 @@ class Engine:
                 step_fractions=c.step_fractions,
                 measured_efficiency=c.measured_efficiency,
             ).model_dump(mode="json")
-        return report | {"efficiency": self.monitor.efficiency()}
+        return report | {
+            "efficiency": self.monitor.efficiency(),
+            "overflow": self.monitor.overflow(),
+        }
 
     async def expert_shards(self) -> list:
         """The ExpertShard actor handles in use (empty without shards): for diagnostics and the

@@ -88,6 +88,7 @@ def render(report: StatusReport, now: float | None = None) -> str:
         f"{report.fallback_level})",
     ]
     lines += _efficiency_lines(report.efficiency or {})
+    lines += _overflow_lines(report.overflow)
     if report.last_decision is not None:
         d = report.last_decision
         lines.append(f"last decision         {d.action}: {d.reason}")
@@ -95,6 +96,16 @@ def render(report: StatusReport, now: float | None = None) -> str:
     for a in reversed(report.actions):
         lines.append(f"  {_ago(now - a.time):>8}  {a.action:<15} {a.reason}")
     return "\n".join(lines) + "\n"
+
+
+def _overflow_lines(overflow: dict | None) -> list[str]:
+    """Pairs over slot capacity per layer, under the deployment's policy."""
+    if not overflow:
+        return []
+    lines = [f"overflow ({overflow['policy']}): split / rerouted / dropped per layer"]
+    for i, c in enumerate(overflow["layers"]):
+        lines.append(f"  layer {i:<3} {c['split']:>8} {c['rerouted']:>8} {c['dropped']:>8}")
+    return lines
 
 
 FACTORS = ("kernel", "communication", "load_imbalance", "pipeline_bubbles")

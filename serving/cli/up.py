@@ -30,6 +30,12 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-shards", type=int, metavar="N", help="ExpertShard actors (0: none)")
     p.add_argument("--redundant-experts", type=int, metavar="R", help="extra expert replicas")
     p.add_argument(
+        "--overflow",
+        choices=["split", "reroute", "drop"],
+        help="pairs over a slot's capacity: split to another copy (default, lossless), reroute "
+        "to the next-best expert or drop (both change outputs); with --expert-shards",
+    )
+    p.add_argument(
         "--shard-cpus",
         type=float,
         metavar="C",
@@ -91,6 +97,7 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         expert_shards=args.expert_shards,
         redundant_experts=args.redundant_experts,
+        overflow=args.overflow,
         shard_cpus=args.shard_cpus,
         shard_gpus=args.shard_gpus,
         placement_timeout_s=args.placement_timeout,

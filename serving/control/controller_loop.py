@@ -88,6 +88,9 @@ class StatusReport(Frozen):
     step_fractions: dict[str, float] | None = None  # where the engine's recent steps went
     measured_efficiency: float | None = None
     efficiency: dict | None = None  # the engine's full efficiency section (filled by the engine)
+    # The overflow policy and, per MoE layer, the pairs over capacity it split, rerouted or
+    # dropped since start (filled by the engine; None without shards).
+    overflow: dict | None = None
     batch_strategy: str | None = None
     fallback_level: int = 0
     last_decision: ActionRecord | None = None  # hold included

@@ -86,7 +86,7 @@ def factors_from(seconds: dict[str, float], tokens: float, basis: EfficiencyBasi
     """M1-M2: seconds per part over a window -> (EfficiencyFactors, achieved FLOP/s per device)."""
     wall = sum(seconds.values())
     bubble, imbalance = seconds["bubble"], seconds["imbalance"]
-    compute = seconds["dense"] + seconds["expert"]
+    compute = seconds["dense"] + seconds["expert"] + seconds.get("overlapped", 0.0)
     achieved = tokens * basis.flops_per_token / (compute * basis.devices) if compute > 0 else 0.0
     factors = EfficiencyFactors(
         kernel=achieved / basis.peak_flops,

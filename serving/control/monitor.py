@@ -138,6 +138,14 @@ class EngineMonitor:
             efficiency = measured.efficiency if measured else None
             self.metrics.record_efficiency(fractions, efficiency, factors)
 
+    def overflow(self) -> dict | None:
+        """The overflow policy and each layer's cumulative counts (None without shards)."""
+        if self.pool is None:
+            return None
+        balancer = self.pool.balancer
+        layers = [dict(vars(c)) for c in balancer.counters()]
+        return {"policy": balancer.overflow, "layers": layers}
+
     def window(self) -> tuple[dict[str, float] | None, Measured | None]:
         """The recent window's step-time fractions, and its measured factors where the
         deployment has a plan; (None, None) without steps in the window."""

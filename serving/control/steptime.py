@@ -13,7 +13,13 @@ add up to it:
   imbalance  per MoE layer, the slowest shard's compute minus that mean: the wait on the straggler
   transport  per MoE layer, the fan-out's round trip minus the slowest shard's compute:
              serialisation, object store, RPC, both ways
+  overlapped engine compute that ran while the shards worked on the other micro-batch: the
+             fan-out time two micro-batches in flight hid
   bubble     the rest of the interval: scheduling, sampling, streaming tokens out, thread hand-offs
+
+With two micro-batches in flight, expert, imbalance and transport count only the time the engine
+sat waiting for the shards (the exposed part, split in the proportions of a blocking fan-out),
+and dense only the engine's compute that nothing overlapped.
 
 With the experts in the engine's process, `expert` is the pool's compute time and transport and
 imbalance are zero. Time the scheduler sits idle with no work is in no step and counts nowhere.
@@ -38,7 +44,7 @@ import numpy as np
 
 from experts.timing import ExpertTime
 
-PARTS = ("dense", "expert", "transport", "imbalance", "bubble")
+PARTS = ("dense", "expert", "transport", "imbalance", "overlapped", "bubble")
 REGRESSORS = ("step", "decode_rows", "prefill_calls", "prefill_tokens")
 R = len(REGRESSORS)
 
@@ -129,9 +135,12 @@ class StepTotals:
     @classmethod
     def from_json(cls, data: dict) -> StepTotals:
         """Inverse of to_json; raises KeyError or ValueError on a malformed mapping."""
-        seconds = np.array([float(data["seconds"][p]) for p in PARTS])
+        # Reports from before the `overlapped` part have none: it was zero then.
+        seconds = np.array([float(data["seconds"].get(p, 0.0)) for p in PARTS])
         moments = np.asarray(data["moments"], dtype=float).reshape(R, R)
-        cross = np.asarray(data["cross"], dtype=float).reshape(R, len(PARTS))
+        cross = np.asarray(data["cross"], dtype=float).reshape(R, -1)
+        if cross.shape[1] == len(PARTS) - 1:
+            cross = np.insert(cross, PARTS.index("overlapped"), 0.0, axis=1)
         return cls(
             steps=int(data["steps"]),
             wall_s=float(data["wall_s"]),
@@ -149,15 +158,20 @@ def split_step(interval_s: float, forward_s: float, expert: ExpertTime) -> np.nd
     """One step's interval -> seconds per part [P], in PARTS order; they sum to the interval
     (clamps only guard against timer jitter between processes)."""
     forward = min(forward_s, interval_s)
-    round_trip = min(expert.round_trip_s, forward)
+    waited = min(expert.waited_s, forward)  # the exposed fan-out time
+    own = forward - waited  # the engine's compute
+    overlapped = min(max(0.0, expert.round_trip_s - expert.waited_s), own)
+    round_trip = max(expert.round_trip_s, 1e-12)
     slowest = min(expert.slowest_s, round_trip)
     mean = min(expert.mean_s, slowest)
+    exposed = waited / round_trip  # the waited share of the fan-outs, split as they are
     return np.array(
         [
-            forward - round_trip,  # dense: the engine's own compute
-            mean,  # expert
-            round_trip - slowest,  # transport
-            slowest - mean,  # imbalance
+            own - overlapped,  # dense: the engine's own compute that nothing overlapped
+            mean * exposed,  # expert
+            (round_trip - slowest) * exposed,  # transport
+            (slowest - mean) * exposed,  # imbalance
+            overlapped,
             interval_s - forward,  # bubble
         ]
     )

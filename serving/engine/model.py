@@ -22,8 +22,13 @@ from experts.gemm import Linear
 from experts.pool import ExpertPool
 from serving.engine.attention import apply_rope, attend, rope
 from serving.engine.kv_cache import KVCache
-from serving.engine.moe_layer import moe_layer
-from serving.engine.step_batch import StepBatch, rows_batch
+from serving.engine.moe_layer import moe_layer, start_moe_layer
+from serving.engine.step_batch import StepBatch, halves, rows_batch
+
+# Steps of at least this many tokens run as two micro-batches when the experts are on shards; 0:
+# never. Off by default: on a 2-core CPU it measured 0.63-0.74x of one batch (BENCHMARKS.md), as
+# each half reads every expert's weights again and the engine and shards share the cores.
+SPLIT_MIN_TOKENS = 0
 
 
 @dataclass
@@ -60,6 +65,7 @@ class MixtralModel(nn.Module):
         self.config = config
         self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.pool = pool
+        self.split_min_tokens = SPLIT_MIN_TOKENS  # 0: never two micro-batches
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,7 +107,20 @@ class MixtralModel(nn.Module):
     @torch.inference_mode()
     def step(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         """Every token of a step at once (serving/engine/step_batch.py) -> logits [R, V] of
-        batch.logit_rows. The step reads each weight once, however many sequences it serves."""
+        batch.logit_rows. The step reads each weight once, however many sequences it serves.
+
+        With experts on shards, a step of at least `split_min_tokens` tokens (and two
+        sequences) runs as two micro-batches in flight: while one's experts compute on the
+        shards, the engine computes the other's attention and gating (`_step_in_halves`).
+        """
+        self.pool.begin_step()
+        if (
+            self.pool.overlaps
+            and self.split_min_tokens
+            and batch.tokens >= self.split_min_tokens
+            and batch.decodes + len(batch.spans) >= 2
+        ):
+            return self._step_in_halves(batch, cache)
         c = self.config
         cos, sin = rope(batch.positions, c.head_dim, c.rope_theta, self.dtype)  # [T, 1, Dh]
         h = F.embedding(batch.ids, self.embed)  # [T, D]
@@ -110,8 +129,36 @@ class MixtralModel(nn.Module):
             h = h + self._attention(i, layer, a, cos, sin, batch, cache)
             m = rms_norm(h, layer.moe_norm, c.rms_norm_eps)
             h = h + moe_layer(m, layer.gate, self.pool, i, c.num_experts_per_tok)
-        h = rms_norm(h[batch.logit_rows], self.norm, c.rms_norm_eps)  # [R, D]
+        return self._logits(h, batch)
+
+    def _logits(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """h [T, D] -> logits [R, V] of the batch's logit rows."""
+        h = rms_norm(h[batch.logit_rows], self.norm, self.config.rms_norm_eps)  # [R, D]
         return self.lm_head(h)
+
+    def _step_in_halves(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
+        """Ping-pong: per layer, micro-batch A's experts run on the shards while the engine
+        computes B's attention and gating, then the roles swap; each half waits only on its own
+        experts. Row-wise the same arithmetic as one batch: outputs are unchanged."""
+        c, parts = self.config, halves(batch)
+        hs = [F.embedding(p.batch.ids, self.embed) for p in parts]  # [T_half, D] each
+        ropes = [rope(p.batch.positions, c.head_dim, c.rope_theta, self.dtype) for p in parts]
+        moe = [None, None]  # each half's MoE layer in flight
+        for i, layer in enumerate(self.layers):
+            for j, part in enumerate(parts):
+                if moe[j] is not None:
+                    hs[j] = hs[j] + moe[j].result()  # the previous layer's experts
+                a = rms_norm(hs[j], layer.attn_norm, c.rms_norm_eps)
+                hs[j] = hs[j] + self._attention(i, layer, a, *ropes[j], part.batch, cache)
+                m = rms_norm(hs[j], layer.moe_norm, c.rms_norm_eps)
+                moe[j] = start_moe_layer(m, layer.gate, self.pool, i, c.num_experts_per_tok)
+        logits = None
+        for j, part in enumerate(parts):
+            rows = self._logits(hs[j] + moe[j].result(), part.batch)  # [R_half, V]
+            if logits is None:
+                logits = rows.new_empty((batch.logit_rows.numel(), rows.shape[-1]))
+            logits[part.rows] = rows
+        return logits
 
     def _attention(self, i, layer, x, cos, sin, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         """x [T, D] -> [T, D]: q, k, v in one GEMM, RoPE, attention over the cache, output."""

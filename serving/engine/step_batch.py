@@ -96,3 +96,55 @@ def rows_batch(
     if last_only:
         return batch
     return replace(batch, logit_rows=torch.arange(b * s, device=input_ids.device))
+
+
+@dataclass(frozen=True)
+class Half:
+    """One of two micro-batches of a step: its batch, and where its logits go in the step's."""
+
+    batch: StepBatch
+    rows: torch.Tensor  # [R_half] positions of its logit rows among the step's R
+
+
+def halves(batch: StepBatch) -> tuple[Half, Half]:
+    """Split a step into two micro-batches of whole sequences with about half the tokens each:
+    half the decode rows each, and each prompt chunk to the lighter half."""
+    d = batch.decodes
+    parts: list[list[range]] = [[range(0, (d + 1) // 2)], [range((d + 1) // 2, d)]]
+    sizes = [(d + 1) // 2, d // 2]
+    spans: list[list[Span]] = [[], []]
+    for span in batch.spans:
+        i = 0 if sizes[0] <= sizes[1] else 1
+        parts[i].append(range(span.first, span.first + span.length))
+        spans[i].append(span)
+        sizes[i] += span.length
+    wanted = {row: j for j, row in enumerate(batch.logit_rows.tolist())}
+    positions = batch.positions.tolist()
+    return tuple(
+        _half(batch, [t for r in parts[i] for t in r], spans[i], wanted, positions) for i in (0, 1)
+    )
+
+
+def _half(batch: StepBatch, tokens: list[int], spans: list[Span], wanted: dict,
+          positions: list[int]) -> Half:  # fmt: skip
+    decodes = sum(1 for t in tokens if t < batch.decodes)
+    local = {t: i for i, t in enumerate(tokens)}
+    first, rebased = decodes, []
+    for span in spans:
+        rebased.append(Span(first, span.length, span.slot, span.start))
+        first += span.length
+    device = batch.ids.device
+    index = torch.tensor(tokens, dtype=torch.long, device=device)
+    logits = [(wanted[t], local[t]) for t in tokens if t in wanted]
+    decode_positions = [positions[t] for t in tokens[:decodes]]
+    sub = StepBatch(
+        ids=batch.ids[index],
+        positions=batch.positions[index],
+        slots=batch.slots[index],
+        decodes=decodes,
+        decode_keys=max(decode_positions, default=-1) + 1,
+        decode_ragged=len(set(decode_positions)) > 1,
+        spans=tuple(rebased),
+        logit_rows=torch.tensor([i for _, i in logits], dtype=torch.long, device=device),
+    )
+    return Half(sub, torch.tensor([j for j, _ in logits], dtype=torch.long, device=device))

@@ -97,7 +97,7 @@ def test_empty_report_renders():
 def test_breakdown_and_measured_factors_print_beside_the_plan():
     from serving.control.steptime import PARTS
 
-    fractions = dict(zip(PARTS, (0.3, 0.2, 0.35, 0.1, 0.05), strict=True))
+    fractions = dict(zip(PARTS, (0.3, 0.2, 0.35, 0.1, 0.0, 0.05), strict=True))
     factors = {"kernel": 0.0123, "communication": 0.41, "load_imbalance": 0.15,
                "pipeline_bubbles": 0.05}  # fmt: skip
     efficiency = {

@@ -88,10 +88,10 @@ def test_measured_factors_multiply_to_tokens_per_ms_over_the_ceiling():
 def test_step_model_recovers_a_linear_cost_and_predicts_another_batch():
     # Each part costs a fixed time per step, per decode row, per prompt chunk (a forward call of
     # its own) and per prompt token.
-    fixed = np.array([0.004, 0.001, 0.002, 0.0005, 0.001])
-    per_row = np.array([0.0002, 0.0004, 0.00005, 0.0001, 0.0])
-    per_call = np.array([0.003, 0.0005, 0.002, 0.0003, 0.0])
-    per_prefill = np.array([0.00002, 0.00004, 0.000005, 0.0, 0.0])
+    fixed = np.array([0.004, 0.001, 0.002, 0.0005, 0.0, 0.001])  # PARTS order
+    per_row = np.array([0.0002, 0.0004, 0.00005, 0.0001, 0.0, 0.0])
+    per_call = np.array([0.003, 0.0005, 0.002, 0.0003, 0.0, 0.0])
+    per_prefill = np.array([0.00002, 0.00004, 0.000005, 0.0, 0.0, 0.0])
     totals = StepTotals()
     rng = np.random.default_rng(1)
     for _ in range(300):
