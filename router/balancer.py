@@ -129,6 +129,7 @@ class ExpertLoadBalancer:
             deque(maxlen=window) for _ in range(num_layers)
         ]
         self._counts = [OverflowCounts() for _ in range(num_layers)]
+        self._batches = [0] * num_layers  # batches assigned per layer: rotates the first copy
 
     @property
     def num_layers(self) -> int:
@@ -165,7 +166,9 @@ class ExpertLoadBalancer:
         Returns an Assignment with slots [T, K], experts [T, K], weights [T, K].
 
         1. Order pairs by expert, then by weight (highest first); rank each within its expert.
-        2. Replica choice: rank r goes to copy r % copies, so copies share an expert evenly.
+        2. Replica choice: rank r goes to copy (r + b) % copies, b the layer's batch count, so
+           copies share an expert evenly, also when batches give an expert one pair each (a
+           fixed first copy would load one shard with every expert's rank 0).
         3. Capacity: ranks >= copies x capacity are over capacity on every copy (overflow).
         4. Apply the overflow policy to those pairs, then record the batch in the window.
         """
@@ -174,25 +177,15 @@ class ExpertLoadBalancer:
         num_pairs = experts.numel()
         capacity = self.capacity(layer, num_pairs)
         flat_experts = experts.reshape(-1).long()  # [M]
-        slots, over = _first_choice(placement, flat_experts, weights.reshape(-1), capacity)  # [M]
+        offset = self._batches[layer]
+        self._batches[layer] += 1
+        slots, over = _first_choice(
+            placement, flat_experts, weights.reshape(-1), capacity, offset
+        )  # [M]
         final_experts = flat_experts.clone()  # [M]
         new_weights = weights.reshape(-1).clone()  # [M]
-        counts = OverflowCounts(split=int(over.sum()))
-        if self.overflow == "drop":
-            slots[over] = -1
-            final_experts[over] = -1
-            new_weights[over] = 0
-            counts = OverflowCounts(dropped=counts.split)
-        elif self.overflow == "reroute" and counts.split:
-            counts = _reroute(
-                placement, slots, final_experts, over, experts.shape, capacity, scores
-            )
-            _renormalise(
-                new_weights.view(experts.shape),
-                final_experts.view(experts.shape),
-                flat_experts,
-                scores,
-            )
+        counts = self._overflow(placement, slots, final_experts, new_weights, over,
+                                experts, capacity, scores)  # fmt: skip
         self._counts[layer] = self._counts[layer] + counts
         self.record(
             layer,
@@ -206,6 +199,25 @@ class ExpertLoadBalancer:
             capacity=capacity,
             counts=counts,
         )
+
+    def _overflow(self, placement, slots, final_experts, new_weights, over, experts, capacity,
+                  scores) -> OverflowCounts:  # fmt: skip
+        """Step 4: the policy applied to the pairs over capacity (slots, final_experts and
+        new_weights [M] changed in place); returns what it did."""
+        counts = OverflowCounts(split=int(over.sum()))
+        if self.overflow == "drop":
+            slots[over] = -1
+            final_experts[over] = -1
+            new_weights[over] = 0
+            return OverflowCounts(dropped=counts.split)
+        if self.overflow == "reroute" and counts.split:
+            flat_experts = experts.reshape(-1).long()
+            counts = _reroute(
+                placement, slots, final_experts, over, experts.shape, capacity, scores
+            )
+            _renormalise(new_weights.view(experts.shape), final_experts.view(experts.shape),
+                         flat_experts, scores)  # fmt: skip
+        return counts
 
     def record(self, layer: int, expert_counts: torch.Tensor, slot_counts: torch.Tensor) -> None:
         """Add one batch to a layer's window: expert_counts [E] (router demand), slot_counts [P]."""
@@ -300,7 +312,11 @@ def _window_sum(window: deque[torch.Tensor], size: int) -> torch.Tensor:
 
 
 def _first_choice(
-    placement: Placement, experts: torch.Tensor, weights: torch.Tensor, capacity: int
+    placement: Placement,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    capacity: int,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-3 of `assign`: experts [M], weights [M] -> slots [M], over capacity [M] (bool)."""
     by_weight = torch.argsort(weights, descending=True, stable=True)  # [M]
@@ -312,7 +328,7 @@ def _first_choice(
     copies = placement.replica_counts.to(experts.device)[sorted_experts]  # [M]
     slots = torch.empty_like(experts)
     over = torch.empty_like(experts, dtype=torch.bool)
-    slots[order] = placement.log2phy.to(experts.device)[sorted_experts, rank % copies]
+    slots[order] = placement.log2phy.to(experts.device)[sorted_experts, (rank + offset) % copies]
     over[order] = rank >= copies * capacity
     return slots, over
 

@@ -105,10 +105,18 @@ class SchedulerConfig(BaseModel):
     step_token_budget: int = Field(512, gt=0)
     # Requests waiting for a slot; one more is answered 503 with Retry-After.
     max_queue: int = Field(64, ge=0)
+    # KV cache slots allocated (None: max_batch_slots): room a batch fallback can grow the batch
+    # into at run time. The engine sizes it for its controller's largest fallback level.
+    cache_slots: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _decodes_fit(self) -> SchedulerConfig:
         # Every running sequence decodes one token per step, so all of them must fit the budget.
+        if self.cache_slots is not None and self.cache_slots < self.max_batch_slots:
+            raise ValueError(
+                f"cache_slots ({self.cache_slots}) must be at least max_batch_slots "
+                f"({self.max_batch_slots})"
+            )
         if self.step_token_budget < self.max_batch_slots:
             raise ValueError(
                 f"step_token_budget ({self.step_token_budget}) must be at least "

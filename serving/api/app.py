@@ -114,8 +114,11 @@ class Engine:
         # With shards the model's pool is the Ray pool: handed to whoever operates it.
         self.pool: ElasticPool | None = model.pool if config.expert_shards else None
         tokenizer = TextTokenizer(model_dir(config))
-        self.scheduler = Scheduler(model, config.scheduler, decode=tokenizer.decode)
         plan = deployment_plan(config, model_dir(config))  # targets and the efficiency basis
+        scheduler_config = config.scheduler.model_copy(
+            update={"cache_slots": fallback_slots(config, plan)}
+        )
+        self.scheduler = Scheduler(model, scheduler_config, decode=tokenizer.decode)
         self.monitor = EngineMonitor(
             self.scheduler,
             self.pool,
@@ -246,6 +249,19 @@ def _metrics():
     from serving.control.metrics import Metrics
 
     return Metrics()
+
+
+def fallback_slots(config: ServeConfig, plan) -> int:
+    """KV cache slots for the batch the controller's fallback may grow to (its top level, within
+    the planner's memory limit); the configured slots when nothing may grow."""
+    from serving.control.controller import batch_settings
+    from serving.control.controller_app import controller_config
+
+    slots = config.scheduler.max_batch_slots
+    cfg = controller_config(config, plan)
+    if not config.monitoring.controller or cfg.batch_strategy not in ("throughput", "adaptive"):
+        return slots
+    return max(slots, batch_settings(cfg, cfg.fallback.max_level).max_batch_slots)
 
 
 def _start_controller(config: ServeConfig, plan):

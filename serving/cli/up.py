@@ -29,32 +29,7 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--expert-shards", type=int, metavar="N", help="ExpertShard actors (0: none)")
     p.add_argument("--redundant-experts", type=int, metavar="R", help="extra expert replicas")
-    p.add_argument(
-        "--overflow",
-        choices=["split", "reroute", "drop"],
-        help="pairs over a slot's capacity: split to another copy (default, lossless), reroute "
-        "to the next-best expert or drop (both change outputs); with --expert-shards",
-    )
-    p.add_argument(
-        "--shard-cpus",
-        type=float,
-        metavar="C",
-        help="CPUs each ExpertShard asks Ray for (default: an equal share of the cluster's CPUs, "
-        "at most 1, so shards share cores)",
-    )
-    p.add_argument(
-        "--shard-gpus",
-        type=float,
-        metavar="G",
-        help="GPUs each ExpertShard asks for on CUDA (default 1; 0.5 puts two shards per GPU)",
-    )
-    p.add_argument(
-        "--placement-timeout",
-        type=float,
-        metavar="S",
-        help="seconds to wait for room for the shards before failing (default 120; an "
-        "autoscaling cluster may need longer)",
-    )
+    _add_shard_flags(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or MOE_SERVE_API_KEY)")
     p.add_argument("--config", metavar="YAML", help="a Ray Serve config file (configs/serve.yaml)")
     p.add_argument(
@@ -85,6 +60,36 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         "controller's targets use the efficiency factors measured there (checked before deploying)",
     )
     p.set_defaults(func=run)
+
+
+def _add_shard_flags(p: argparse.ArgumentParser) -> None:
+    """What the ExpertShards ask for, how long to wait for room, and the overflow policy."""
+    p.add_argument(
+        "--overflow",
+        choices=["split", "reroute", "drop"],
+        help="pairs over a slot's capacity: split to another copy (default, lossless), reroute "
+        "to the next-best expert or drop (both change outputs); with --expert-shards",
+    )
+    p.add_argument(
+        "--shard-cpus",
+        type=float,
+        metavar="C",
+        help="CPUs each ExpertShard asks Ray for (default: an equal share of the cluster's CPUs, "
+        "at most 1, so shards share cores)",
+    )
+    p.add_argument(
+        "--shard-gpus",
+        type=float,
+        metavar="G",
+        help="GPUs each ExpertShard asks for on CUDA (default 1; 0.5 puts two shards per GPU)",
+    )
+    p.add_argument(
+        "--placement-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to wait for room for the shards before failing (default 120; an "
+        "autoscaling cluster may need longer)",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> ServeConfig:

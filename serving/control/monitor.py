@@ -52,7 +52,9 @@ class Engine(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
-    def set_batch(self, step_token_budget: int, max_batch_slots: int) -> dict: ...
+    def set_batch(
+        self, step_token_budget: int, max_batch_slots: int, batch_wait_ms: float | None = None
+    ) -> dict: ...
 
 
 class EngineMonitor:
@@ -251,7 +253,6 @@ class EngineMonitor:
             return {"action": action, "shards": self.shards}
         if action in ("batch_fallback", "revert_fallback") and decision.batch is not None:
             b = decision.batch
-            # batch_wait_ms has no effect yet: the scheduler runs a step as soon as work waits.
-            now = self.engine.set_batch(b.step_token_budget, b.max_batch_slots)
+            now = self.engine.set_batch(b.step_token_budget, b.max_batch_slots, b.batch_wait_ms)
             return {"action": action, "level": b.level} | now
         return {"action": action}

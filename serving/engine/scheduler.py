@@ -17,6 +17,7 @@ Shape legend: B sequences in a step, S new tokens per sequence, V vocabulary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -62,8 +63,9 @@ class Scheduler:
         self.model = model
         self.config = config
         self.max_len = min(config.max_seq_len, model.config.max_position_embeddings)
-        self.cache = model.new_cache(config.max_batch_slots, self.max_len)
-        self.free_slots = deque(range(config.max_batch_slots))
+        self.cache_slots = config.cache_slots or config.max_batch_slots
+        self.cache = model.new_cache(self.cache_slots, self.max_len)
+        self.free_slots = deque(range(self.cache_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.decode = decode
@@ -71,6 +73,9 @@ class Scheduler:
         self.draining = False
         # Slots that may hold sequences: at most the cache's, lowered at run time by set_batch.
         self.slot_limit = config.max_batch_slots
+        # Before a step that could admit more, wait this long for an arrival (0: never): a
+        # batch fallback trades latency for fuller batches.
+        self.batch_wait_s = 0.0
         self.tokens_generated = 0  # cumulative sampled tokens
         self.tokens_processed = 0  # cumulative prompt + decode tokens run: the controller's rate
         self._step_end: float | None = None  # perf_counter at the last step's end; None: idle
@@ -96,7 +101,7 @@ class Scheduler:
         if self.draining:
             raise QueueFull("the server is shutting down")
         # Requests that a free slot will take at the next step do not count as queued.
-        if len(self.waiting) >= self.config.max_queue + len(self.free_slots):
+        if len(self.waiting) >= self.config.max_queue + self._room():
             raise QueueFull(f"{len(self.waiting)} requests are waiting for a slot")
         if not prompt:
             raise ContextTooLong("the prompt is empty", "prompt")
@@ -158,20 +163,30 @@ class Scheduler:
             "slot_limit": self.slot_limit,
         }
 
-    def set_batch(self, step_token_budget: int, max_batch_slots: int) -> dict:
+    def _room(self) -> int:
+        """Sequences the next step could still admit."""
+        return max(0, min(len(self.free_slots), self.slot_limit - len(self.running)))
+
+    def set_batch(
+        self, step_token_budget: int, max_batch_slots: int, batch_wait_ms: float | None = None
+    ) -> dict:
         """Change the batch settings between steps (the controller's batch fallback).
 
-        The step token budget changes freely. The slot count only moves within the KV cache
-        allocated at start (config.max_batch_slots): asking for more is capped there, asking for
-        fewer stops admitting until running sequences finish (none is evicted). The budget stays
-        at least the slot limit, so every running sequence still decodes each step.
+        The step token budget changes freely. The slot count moves within the KV cache
+        allocated at start (cache_slots): asking for more is capped there, asking for fewer
+        stops admitting until running sequences finish (none is evicted). The budget stays at
+        least the slot limit, so every running sequence still decodes each step. batch_wait_ms:
+        how long a step that could admit more waits for an arrival first (None: unchanged).
         Returns the settings now in force.
         """
-        slots = max(1, min(max_batch_slots, self.config.max_batch_slots))
+        slots = max(1, min(max_batch_slots, self.cache_slots))
         budget = max(step_token_budget, slots)
         self.config = self.config.model_copy(update={"step_token_budget": budget})
         self.slot_limit = slots
-        return {"step_token_budget": budget, "max_batch_slots": slots}
+        if batch_wait_ms is not None:
+            self.batch_wait_s = max(0.0, batch_wait_ms) / 1000.0
+        return {"step_token_budget": budget, "max_batch_slots": slots,
+                "batch_wait_ms": self.batch_wait_s * 1000.0}  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -179,9 +194,19 @@ class Scheduler:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self.run_forever())
 
+    async def _wait_for_company(self) -> None:
+        """With a batch wait set, a running batch that could take more waits up to it for an
+        arrival (woken at once by one)."""
+        if not (self.batch_wait_s and self.running and not self.waiting and self._room()):
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.batch_wait_s)
+
     async def run_forever(self) -> None:
         while True:
             self._reap()
+            await self._wait_for_company()
             plan = self._plan()
             if not plan.decodes and not plan.prefills:
                 self._wake.clear()
@@ -224,7 +249,7 @@ class Scheduler:
             new_tokens=new_tokens,
             queue_depth=len(self.waiting),
             slots_used=len(self.running),
-            slots=self.config.max_batch_slots,
+            slots=self.cache_slots,
             finished=tuple(finished),
             interval_s=interval_s,
             forward_s=forward_s,

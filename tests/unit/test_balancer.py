@@ -195,3 +195,17 @@ def test_bad_inputs_raise():
         ExpertLoadBalancer([placement]).assign(0, torch.full((2, 2), 4), torch.ones(2, 2))
     with pytest.raises(ValueError, match=r"\[T, K\]"):
         ExpertLoadBalancer([placement]).assign(0, torch.zeros(4, dtype=torch.long), torch.ones(4))
+
+
+def test_copies_share_an_expert_even_when_each_batch_gives_it_one_pair():
+    """Small batches (a few decode rows) give most experts one pair each: a fixed first copy
+    would send all of them to the shards holding first copies, and no rebalance could help."""
+    from router.placement import initial_placement
+
+    placement = initial_placement(8, 2, 8)  # every expert on both shards
+    balancer = ExpertLoadBalancer([placement], window=64)
+    for step in range(64):
+        experts = torch.tensor([[step % 8, (step + 3) % 8]])  # one token, two experts
+        balancer.assign(0, experts, torch.full((1, 2), 0.5))
+    stats = balancer.stats()[0]
+    assert stats.cv_shards < 0.05, stats

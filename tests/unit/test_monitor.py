@@ -54,8 +54,8 @@ class FakeScheduler:
         self.tokens_generated, self.tokens_processed, self.queue_depth = 42, 50, 2
         self.batches: list[tuple[int, int]] = []
 
-    def set_batch(self, budget: int, slots: int) -> dict:
-        self.batches.append((budget, slots))
+    def set_batch(self, budget: int, slots: int, wait_ms: float | None = None) -> dict:
+        self.batches.append((budget, slots, wait_ms))
         return {"step_token_budget": budget, "max_batch_slots": slots}
 
 
@@ -113,6 +113,6 @@ def test_batch_actions_go_to_the_scheduler_and_no_shards_refuses():
     mon = EngineMonitor(sched, None, None, on_gpu=False)
     batch = BatchSettings(level=1, step_token_budget=1024, max_batch_slots=32, batch_wait_ms=5)
     done = mon.apply(Decision(action="batch_fallback", reason="r", batch=batch))
-    assert sched.batches == [(1024, 32)] and done["level"] == 1
+    assert sched.batches == [(1024, 32, 5)] and done["level"] == 1  # the wait applied too
     with pytest.raises(RuntimeError, match="expert_shards"):
         mon.apply(Decision(action="scale_out", reason="r"))

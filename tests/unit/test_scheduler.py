@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -263,8 +264,10 @@ def test_a_failing_observer_never_stops_the_loop(model):
 def test_set_batch_changes_the_budget_and_slots_within_the_cache(model):
     async def main():
         s = Scheduler(model, SchedulerConfig(max_batch_slots=4, step_token_budget=16))
-        assert s.set_batch(64, 99) == {"step_token_budget": 64, "max_batch_slots": 4}
-        assert s.set_batch(1, 2) == {"step_token_budget": 2, "max_batch_slots": 2}
+        assert s.set_batch(64, 99) == {"step_token_budget": 64, "max_batch_slots": 4,
+                                       "batch_wait_ms": 0.0}  # fmt: skip
+        assert s.set_batch(1, 2) == {"step_token_budget": 2, "max_batch_slots": 2,
+                                     "batch_wait_ms": 0.0}  # fmt: skip
         seqs = [s.submit(p, SamplingParams(max_tokens=3)) for p in prompts(4)]
         await asyncio.gather(*(collect(s, q) for q in seqs))
         return s
@@ -272,3 +275,56 @@ def test_set_batch_changes_the_budget_and_slots_within_the_cache(model):
     s = run(main())
     assert max(s.step_batch_sizes) <= 2  # the lowered slot limit held
     assert len(s.free_slots) == 4
+
+
+def steps_for(model, slots: int, cache_slots: int, grow_to: int | None) -> Scheduler:
+    """16 requests of 8 tokens through `slots` slots, raised to `grow_to` at the start."""
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=slots, step_token_budget=64,
+                                             cache_slots=cache_slots))  # fmt: skip
+        if grow_to:
+            s.set_batch(128, grow_to)
+        seqs = [s.submit(p, SamplingParams(max_tokens=8)) for p in prompts(16)]
+        outs = await asyncio.gather(*(collect(s, q) for q in seqs))
+        return s, outs
+
+    return run(main())
+
+
+def test_a_batch_fallback_grows_the_batch_into_the_spare_cache(model):
+    """Counted, not timed: the same 16 requests take fewer steps once the fallback doubles the
+    slots (the KV cache was allocated for it), and each still gets its own tokens."""
+    base, outs = steps_for(model, 4, 8, None)
+    grown, grown_outs = steps_for(model, 4, 8, 8)
+    assert max(base.step_batch_sizes) == 4 and max(grown.step_batch_sizes) == 8
+    assert grown.steps <= 0.7 * base.steps, (grown.steps, base.steps)
+    assert [[e.token for e in o] for o in outs] == [[e.token for e in o] for o in grown_outs]
+    capped, _ = steps_for(model, 4, 4, 8)  # no spare cache: the slots stay within it
+    assert max(capped.step_batch_sizes) == 4
+
+
+def test_a_batch_wait_holds_a_step_for_company_and_an_arrival_ends_it(model):
+    """Bounds that only a slower machine could move the wrong way are not asserted: a wait of
+    0.3 s makes 4 tokens take at least 3 waits; with a 5 s wait, an arrival 0.05 s in ends it."""
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=2, step_token_budget=64))
+        s.set_batch(64, 2, batch_wait_ms=300)
+        began = time.monotonic()
+        await collect(s, s.submit(prompts(1)[0], SamplingParams(max_tokens=4)))
+        waited = time.monotonic() - began
+        s.set_batch(64, 2, batch_wait_ms=5000)
+        first = s.submit(prompts(1)[0], SamplingParams(max_tokens=3))
+        stream = s.stream(first)
+        await anext(stream)  # running: its next step waits for company
+        began = time.monotonic()
+        await asyncio.sleep(0.05)
+        await collect(s, s.submit(prompts(2)[1], SamplingParams(max_tokens=2)))
+        rest = [e async for e in stream]
+        return waited, time.monotonic() - began, rest, s
+
+    waited, joined, rest, s = run(main())
+    assert waited >= 3 * 0.3
+    assert joined < 5.0 and rest[-1].finish_reason == "length"
+    assert s.max_step_batch == 2  # the arrival ran in the held step
