@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
+import shutil
+import sys
 
 import torch
 
@@ -155,6 +158,8 @@ def _module():
     try:
         from torch.utils.cpp_extension import load_inline
 
+        _ninja_on_path()
+
         flags = ["-O3", "-mavx512f", "-mfma"] if isa == "avx512" else ["-O3", "-mavx2", "-mfma"]
         load_inline(f"moe_serve_cpu_gemm_{isa}", cpp_sources=_SOURCE, extra_cflags=flags,
                     is_python_module=False, verbose=False)  # fmt: skip
@@ -162,6 +167,14 @@ def _module():
     except Exception as exc:  # no compiler or headers: torch's GEMM serves instead
         log.warning("the packed CPU GEMM could not be built (%s); using torch's", exc)
         return None
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the one pip installed (pyproject.toml) sits beside
+    this Python, which a caller may have started without activating its environment."""
+    if shutil.which("ninja") is None:
+        here = os.path.dirname(sys.executable)
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
 def _isa() -> str | None:

@@ -161,6 +161,7 @@ class Scheduler:
             "tokens_processed": self.tokens_processed,
             "step_token_budget": self.config.step_token_budget,
             "slot_limit": self.slot_limit,
+            "cache_slots": self.cache_slots,
         }
 
     def _room(self) -> int:
