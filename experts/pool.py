@@ -94,6 +94,7 @@ class ElasticPool(ExpertPool, Protocol):
     balancer: ExpertLoadBalancer
     events: list[str]  # what happened (failures, replacements, switches), newest last
     shards: list[Any]  # the actor handles, in shard order
+    nodes: list[str]  # the Ray node id of each shard, in shard order
 
     @property
     def shard_request(self) -> tuple[str, float]:

@@ -25,6 +25,7 @@ batch (layer 0); the old version is freed after the switch. No call waits on it.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -45,17 +46,26 @@ from router.placement import Placement, initial_placement, place_layers
 log = logging.getLogger(__name__)
 
 
+class _PlacedShard(ExpertShard):
+    """An ExpertShard that can say which Ray node it runs on (ExpertShard itself knows no Ray)."""
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
 # The one thin Ray wrapper. Three threads: a compiled graph's loop holds one for as long as the graph
 # lives, a background `prepare` takes another, and plain `compute` calls still get through.
-RemoteShard = ray.remote(max_concurrency=3)(ExpertShard)
+RemoteShard = ray.remote(max_concurrency=3)(_PlacedShard)
 TRANSPORTS = ("compiled", "plain")
 
 
 def ensure_ray() -> None:
     """Start a local Ray unless one is running (or join RAY_ADDRESS if set). A library call never
-    exposes Ray's dashboard."""
+    exposes Ray's dashboard, nor joins a cluster it was not told of: a bare ray.init() would join
+    whichever cluster `ray start` last started on the machine."""
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
 
 
 class RayExpertPool:
@@ -115,6 +125,7 @@ class RayExpertPool:
         self._wait_for_room(num_shards)
         self.shards = [self._start_actor() for _ in range(num_shards)]
         self._load_all(self.version, self.placements())
+        self.nodes = self._nodes_of(self.shards)  # the Ray node of each shard, for operators
         if transport == "compiled":
             self._compile()
 
@@ -189,6 +200,9 @@ class RayExpertPool:
         dtype = str(self.dtype).removeprefix("torch.")
         return RemoteShard.options(**options).remote(self.checkpoint, dtype, device)
 
+    def _nodes_of(self, actors: list) -> list[str]:
+        return ray.get([a.node_id.remote() for a in actors], timeout=self.load_timeout_s)
+
     @staticmethod
     def _layer_experts(placements: list[Placement], shard: int) -> list[list[int]]:
         return [[int(p.phy2log[s]) for s in p.shard_slots(shard)] for p in placements]
@@ -223,11 +237,13 @@ class RayExpertPool:
                 actor = self._start_actor()
                 ray.get(actor.prepare.remote(version, self._layer_experts(placements, shard)),
                         timeout=self.load_timeout_s)  # fmt: skip
+                node = self._nodes_of([actor])[0]
                 with self._lock:
                     if version != self.version:  # a switch happened meanwhile: load again
                         ray.kill(actor)
                         continue
                     self.shards[shard] = actor
+                    self.nodes[shard] = node
                     self._dead.discard(shard)
                 self.events.append(f"shard {shard} replaced")
                 log.info("expert shard %d replaced", shard)
@@ -280,8 +296,9 @@ class RayExpertPool:
             refs = [a.prepare.remote(version, self._layer_experts(placements, s))
                     for s, a in enumerate(actors)]  # fmt: skip
             ray.get(refs, timeout=self.load_timeout_s)
+            nodes = self._nodes_of(actors)
             with self._lock:
-                self._pending = (version, placements, base, actors, redundant)
+                self._pending = (version, placements, base, actors, redundant, nodes)
         except Exception as exc:  # a failed reconfiguration leaves the serving placement in place
             log.warning("reconfiguration to %d shards failed: %s", num_shards, exc)
             self.events.append(f"reconfiguration failed: {type(exc).__name__}: {exc}")
@@ -291,7 +308,7 @@ class RayExpertPool:
             pending, self._pending = self._pending, None
         if pending is None:
             return
-        version, placements, base, actors, redundant = pending
+        version, placements, base, actors, redundant, nodes = pending
         if self._dead or any(a is not b for a, b in zip(base, self.shards, strict=True)):
             # A shard was lost or replaced while the new placement loaded: it lacks the new
             # version, so keep serving the old one (the next rebalance will try again).
@@ -304,6 +321,7 @@ class RayExpertPool:
             self.balancer.set_placement(layer, placement)
         removed = self.shards[len(actors) :]
         self.shards, self.num_shards, self.redundant = actors, len(actors), redundant
+        self.nodes = nodes
         self.version = version
         self.events.append(f"switched to placement version {version} on {len(actors)} shards")
         for actor in self.shards:

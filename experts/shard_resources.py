@@ -64,8 +64,11 @@ class ShardResources:
         free = ray.available_resources().get("CPU", 0.0) or ray.cluster_resources().get("CPU", 1)
         return max(1e-4, min(1.0, int(free / max(shards, 1) * 1e4) / 1e4))
 
-    def actor_options(self, amount: float) -> dict[str, float]:
-        return {"num_gpus": amount} if self.gpu else {"num_cpus": amount}
+    def actor_options(self, amount: float) -> dict:
+        # SPREAD: one shard per node where the cluster allows, so that losing a node loses as
+        # few shards (and, with copies on other shards, no expert) as possible.
+        need = {"num_gpus": amount} if self.gpu else {"num_cpus": amount}
+        return need | {"scheduling_strategy": "SPREAD"}
 
     def flag(self) -> str:
         return "--shard-gpus" if self.gpu else "--shard-cpus"
@@ -91,7 +94,8 @@ def wait_for_room(
     if shards <= 0:
         return
     say = say or _say
-    pg = placement_group([{kind: amount}] * shards, strategy="PACK")
+    # SPREAD, as the actors that follow: the reservation must not fail where they would fit.
+    pg = placement_group([{kind: amount}] * shards, strategy="SPREAD")
     start = time.monotonic()
     next_report = start + report_every_s
     try:

@@ -68,7 +68,12 @@ def main() -> None:
 
     from serving import load_model
 
-    ray.init(num_cpus=max(4, args.shards + 2), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=max(4, args.shards + 2),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(Path(tmp), MODEL)

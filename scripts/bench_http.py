@@ -54,7 +54,7 @@ def http_tokens_per_ms(config: ServeConfig, prompts, output_len: int, batch: int
     import ray
     from ray import serve
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": config.port})
         serve.run(application(config), name=APP_NAME, route_prefix="/", blocking=False)

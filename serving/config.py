@@ -183,6 +183,15 @@ class ServeConfig(BaseModel):
     # How long to wait for the cluster to have room for the shards (an autoscaler may need
     # minutes to add a node) before failing with one line; progress is reported every 10 s.
     placement_timeout_s: float = Field(120.0, gt=0)
+    # A Ray custom resource that marks the nodes meant for the engine and the ingress (e.g.
+    # `ray start --head --resources '{"moe_engine": 1}'`): on a cluster they then never share a
+    # node with the expert shards by chance, so losing a shard's node costs no request. None: Ray
+    # places them. ExpertShards spread one per node where possible either way.
+    engine_resource: str | None = Field(None, min_length=1)
+    # The Ray cluster runs an autoscaler (`ray up`, KubeRay): the controller may scale out beyond
+    # the resources free now, since the new shard's reservation makes the autoscaler start a node
+    # (waited for up to placement_timeout_s). Off: only where a node has room already.
+    cluster_autoscaling: bool = False
     # With shards: steps of at least this many tokens run as two micro-batches in flight (one's
     # experts compute while the engine runs the other's attention); 0 never. Measure before
     # turning it on (scripts/bench_microbatch.py): on 2 CPU cores it lost (BENCHMARKS.md).

@@ -107,6 +107,9 @@ def ray_session():
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if not ray.is_initialized():
         ray.init(
+            # "local": our own, even where `ray start` or another test cluster runs on the
+            # machine (a bare ray.init() would join the cluster it last started).
+            address="local",
             num_cpus=RAY_NUM_CPUS,
             include_dashboard=False,
             log_to_driver=False,

@@ -18,6 +18,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -127,6 +128,7 @@ class Engine:
             period_s=config.monitoring.period_s,
             plan=plan,
             accounting_window_s=config.monitoring.accounting_window_s,
+            cluster_autoscaling=config.cluster_autoscaling,
         )
         self.scheduler.observer = self.monitor.on_step
         self.streams = EngineStreams(self.scheduler)
@@ -185,6 +187,9 @@ class Engine:
         return report | {
             "efficiency": self.monitor.efficiency(),
             "overflow": self.monitor.overflow(),
+            # Which Ray node each ExpertShard runs on (shard order); empty without shards.
+            "shard_nodes": list(self.pool.nodes) if self.pool is not None else [],
+            "engine_node": ray.get_runtime_context().get_node_id(),
         }
 
     async def expert_shards(self) -> list:
@@ -276,11 +281,14 @@ def application(config: ServeConfig) -> Application:
     """The bound application for `serve.run`."""
     ongoing = config.max_ongoing_requests
     gpu = 1 if config.device.startswith("cuda") else 0
+    # On the nodes marked for them (config.engine_resource), asking for a sliver of the marker:
+    # any number of replicas fit, and none lands on a shard's node by chance.
+    pinned = {"resources": {config.engine_resource: 0.001}} if config.engine_resource else {}
     engine = Engine.options(
         # Ray Serve's default of 5 would cap the batch (ARCHITECTURE.md section 7); our own
         # scheduler queue bounds the work, so the engine takes everything the ingress sends.
         max_ongoing_requests=ongoing,
-        ray_actor_options={"num_cpus": 0, "num_gpus": gpu},
+        ray_actor_options={"num_cpus": 0, "num_gpus": gpu} | pinned,
         graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
     ).bind(config)
     return Ingress.options(
@@ -288,7 +296,7 @@ def application(config: ServeConfig) -> Application:
         # Beyond that the proxy queues, bounded too: 503 with Retry-After, as our own queue does.
         max_queued_requests=ongoing,
         backpressure_config={"status_code": 503, "retry_after_s": config.limits.retry_after_s},
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0} | pinned,
         graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
     ).bind(engine, config)
 

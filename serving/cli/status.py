@@ -89,6 +89,9 @@ def render(report: StatusReport, now: float | None = None) -> str:
     ]
     lines += _efficiency_lines(report.efficiency or {})
     lines += _overflow_lines(report.overflow)
+    if report.shard_nodes:
+        nodes = ", ".join(f"{i}:{n[:8]}" for i, n in enumerate(report.shard_nodes))
+        lines.append(f"shard nodes           {nodes} ({len(set(report.shard_nodes))} nodes)")
     if report.last_decision is not None:
         d = report.last_decision
         lines.append(f"last decision         {d.action}: {d.reason}")

@@ -84,6 +84,19 @@ def _add_shard_flags(p: argparse.ArgumentParser) -> None:
         help="GPUs each ExpertShard asks for on CUDA (default 1; 0.5 puts two shards per GPU)",
     )
     p.add_argument(
+        "--engine-resource",
+        metavar="NAME",
+        help="place the engine and the ingress on nodes that advertise this Ray custom resource "
+        "(ray start --resources '{\"NAME\": 1}'), apart from the shards' nodes",
+    )
+    p.add_argument(
+        "--cluster-autoscaling",
+        action="store_true",
+        default=None,
+        help="the Ray cluster has an autoscaler: the controller may add a shard where no node has "
+        "room yet (the autoscaler starts one; see --placement-timeout)",
+    )
+    p.add_argument(
         "--placement-timeout",
         type=float,
         metavar="S",
@@ -106,6 +119,8 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         shard_cpus=args.shard_cpus,
         shard_gpus=args.shard_gpus,
         placement_timeout_s=args.placement_timeout,
+        engine_resource=args.engine_resource,
+        cluster_autoscaling=args.cluster_autoscaling,
         api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
         dtype=args.dtype,
         device=args.device,
@@ -138,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     _start_ray(address, args.dashboard, config.metrics_port)
     stop = _stop_event()  # after ray.init, which installs a SIGTERM handler that exits at once
     try:
+        _check_engine_resource(config)
         _wait_for_shard_room(config)
         _deploy(config)
         _announce(config)
@@ -177,8 +193,25 @@ def _start_ray(address: str | None, dashboard: bool, metrics_port: int) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
         return False
-    ray.init(include_dashboard=dashboard, log_to_driver=False, **ray_init_kwargs(metrics_port))
+    # "local": our own Ray, even where `ray start` ran on this machine (a bare ray.init() would
+    # join that cluster, and refuse our settings for it); joining is what --address is for.
+    ray.init(address="local", include_dashboard=dashboard, log_to_driver=False,
+             **ray_init_kwargs(metrics_port))  # fmt: skip
     return True
+
+
+def _check_engine_resource(config: ServeConfig) -> None:
+    """An engine resource no node has would leave the engine unplaced, silently: fail here."""
+    import ray
+
+    from serving.errors import UserError
+
+    name = config.engine_resource
+    if name and ray.cluster_resources().get(name, 0) <= 0:
+        raise UserError(
+            f"engine_resource {name!r}: no node in the Ray cluster advertises it (start the "
+            f"engine's node with: ray start --resources '{{\"{name}\": 1}}')"
+        )
 
 
 def _wait_for_shard_room(config: ServeConfig) -> None:

@@ -91,6 +91,9 @@ class StatusReport(Frozen):
     # The overflow policy and, per MoE layer, the pairs over capacity it split, rerouted or
     # dropped since start (filled by the engine; None without shards).
     overflow: dict | None = None
+    # The Ray node id of each ExpertShard, in shard order (empty without shards).
+    shard_nodes: list[str] = []
+    engine_node: str | None = None  # the Ray node of the engine replica that answered
     batch_strategy: str | None = None
     fallback_level: int = 0
     last_decision: ActionRecord | None = None  # hold included

@@ -70,6 +70,7 @@ class EngineMonitor:
         period_s: float = 5.0,
         plan: Plan | None = None,
         accounting_window_s: float = 30.0,
+        cluster_autoscaling: bool = False,
     ) -> None:
         self.engine, self.pool, self.metrics, self.on_gpu = engine, pool, metrics, on_gpu
         self.period_s = period_s
@@ -82,6 +83,7 @@ class EngineMonitor:
         # clock started at 0 would wait for a period after boot).
         self._last_slow: float | None = None
         self._reconfig = None  # the pool's reconfiguration thread in flight, if any
+        self.cluster_autoscaling = cluster_autoscaling  # room can be made: see _room_for_shard
 
     @property
     def shards(self) -> int:
@@ -228,8 +230,12 @@ class EngineMonitor:
         return self._reconfig is not None and self._reconfig.is_alive()
 
     def _room_for_shard(self) -> bool:
-        """The cluster has what one more ExpertShard asks for (experts/shard_resources.py)."""
+        """The cluster has what one more ExpertShard asks for (experts/shard_resources.py), or
+        an autoscaler will add a node for it (the shard's reservation is the demand it sees)."""
         import ray
+
+        if self.cluster_autoscaling:
+            return True
 
         kind, amount = self.pool.shard_request
         return ray.available_resources().get(kind, 0.0) >= amount

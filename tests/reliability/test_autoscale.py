@@ -1,0 +1,49 @@
+"""Scale-out and scale-in through Ray's autoscaler (issue 16): scripts/autoscale.py starts an
+autoscaling cluster on this machine (Ray's fake multi-node provider launches worker nodes as local
+processes), serves the demo with one shard filling the head, keeps the queue deep until the
+controller scales out, then light until it scales in.
+
+Throughput before and after is reported (BENCHMARKS.md), not asserted: every node of this cluster
+shares the same cores, so a second shard adds transport and no compute here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    cmd = [sys.executable, "scripts/autoscale.py", "--after-s", "10"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_a_deep_queue_scales_out_onto_a_node_the_autoscaler_starts(report: dict) -> None:
+    assert report["nodes_at_start"] == 1
+    out = report["scale_out"]
+    assert out["node_started_after_s"] <= out["serving_after_s"]
+    nodes = out["shard_nodes"]
+    assert len(nodes) == len(set(nodes)) == 2, "the new shard runs on the new node"
+    assert report["after"]["devices"] == report["before"]["devices"] + 1
+
+
+def test_a_shallow_queue_scales_in_and_the_idle_node_is_retired(report: dict) -> None:
+    scale_in = report["scale_in"]
+    assert scale_in["shard_stopped_after_s"] <= scale_in["node_retired_after_s"]
+    assert any(e.endswith("on 1 shards") for e in report["events"]), report["events"]
+
+
+def test_no_request_fails_through_both(report: dict) -> None:
+    assert report["requests"] > 0
+    assert report["failures"] == 0, report["failure_reasons"]

@@ -1,0 +1,58 @@
+"""Node loss on a real multi-node Ray cluster (issue 16): scripts/node_loss.py builds one on this
+machine with Ray's `Cluster` (head + 3 worker raylets), serves the demo with `moe-serve up
+--address`, and removes the node of a shard abruptly under HTTP load.
+
+The script runs in its own process: its cluster is not the session's Ray (tests/conftest.py).
+RELIABILITY.md records its figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# The goal is 90% of the throughput before the loss within 30 s; like test_faults.py, the test
+# asserts half of it (a neighbour's load is indistinguishable from the loss), the script reports
+# the 90% figure itself.
+RECOVERED = 0.9 / 2
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    cmd = [sys.executable, "scripts/node_loss.py", "--before-s", "20", "--after-s", "36"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_shards_spread_over_worker_nodes_apart_from_the_engine(report: dict) -> None:
+    before = report["shard_nodes_before"]
+    assert len(set(before)) == len(before) == 2, "each shard on its own node"
+    assert report["engine_node"] not in before, "the engine's node holds no shard"
+
+
+def test_losing_a_shards_node_fails_no_request(report: dict) -> None:
+    assert report["requests"] > 0
+    assert report["failures"] == 0, report["failure_reasons"]
+
+
+def test_the_lost_shard_is_recreated_on_a_surviving_node(report: dict) -> None:
+    after = report["shard_nodes_after"]
+    assert report["lost_node"] not in after
+    assert set(after) <= set(report["alive_worker_nodes"]), after
+    assert len(set(after)) == 2, "still one shard per node"
+    assert report["replaced_after_s"] is not None, report["events_after_loss"]
+
+
+def test_throughput_comes_back_within_30_s(report: dict) -> None:
+    recovery = report["recovery"]
+    assert recovery["before_per_s"] > 0
+    back = [r for r in recovery["after_per_s"] if r >= RECOVERED * recovery["before_per_s"]]
+    assert back, recovery
