@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_MIN = 0.1
 SERVE_ARGS = {
     "cluster_autoscaling": True,
+    "placement_timeout_s": 30,  # the autoscaler's limit (one node) shows within it
     "scheduler": {
         "max_batch_slots": 4,
         "max_seq_len": 256,

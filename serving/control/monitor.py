@@ -84,6 +84,10 @@ class EngineMonitor:
         self._last_slow: float | None = None
         self._reconfig = None  # the pool's reconfiguration thread in flight, if any
         self.cluster_autoscaling = cluster_autoscaling  # room can be made: see _room_for_shard
+        # The last scale-out: (pool events before it, cluster total of the shard's resource); and
+        # the total at which an autoscaler last had no room (None: never).
+        self._scale_out_from: tuple[int, float] | None = None
+        self._autoscaler_full_at: float | None = None
 
     @property
     def shards(self) -> int:
@@ -231,14 +235,28 @@ class EngineMonitor:
 
     def _room_for_shard(self) -> bool:
         """The cluster has what one more ExpertShard asks for (experts/shard_resources.py), or
-        an autoscaler will add a node for it (the shard's reservation is the demand it sees)."""
+        an autoscaler will add a node for it (the shard's reservation is the demand it sees)
+        unless the last scale-out found none and the cluster has not grown since."""
         import ray
 
-        if self.cluster_autoscaling:
-            return True
-
         kind, amount = self.pool.shard_request
-        return ray.available_resources().get(kind, 0.0) >= amount
+        if ray.available_resources().get(kind, 0.0) >= amount:
+            return True
+        if not self.cluster_autoscaling:
+            return False
+        total = ray.cluster_resources().get(kind, 0.0)
+        if self._scale_out_from is not None:
+            since, total_then = self._scale_out_from
+            timed_out = "reconfiguration failed: PlacementTimeout"
+            if any(e.startswith(timed_out) for e in self.pool.events[since:]):
+                # The autoscaler is at its limit: asking again would only wait out the timeout.
+                self._autoscaler_full_at, self._scale_out_from = total_then, None
+        return total != self._autoscaler_full_at
+
+    def _cluster_total(self) -> float:
+        import ray
+
+        return ray.cluster_resources().get(self.pool.shard_request[0], 0.0)
 
     # -- carrying out decisions ------------------------------------------------------------------
 
@@ -255,6 +273,8 @@ class EngineMonitor:
                 raise RuntimeError(f"{action} needs expert shards (expert_shards > 0)")
             method = {"scale_out": pool.add_shard, "scale_in": pool.remove_shard,
                       "rebalance": pool.rebalance}[action]  # fmt: skip
+            if action == "scale_out":  # to tell, later, whether the autoscaler found room
+                self._scale_out_from = (len(pool.events), self._cluster_total())
             self._reconfig = method()  # loads in the background, switches later
             return {"action": action, "shards": self.shards}
         if action in ("batch_fallback", "revert_fallback") and decision.batch is not None:

@@ -44,6 +44,14 @@ def test_a_shallow_queue_scales_in_and_the_idle_node_is_retired(report: dict) ->
     assert any(e.endswith("on 1 shards") for e in report["events"]), report["events"]
 
 
+def test_past_the_autoscalers_limit_the_controller_asks_once(report: dict) -> None:
+    # The deep queue stays after the scale-out: the controller asks for a third shard, the
+    # autoscaler (at most one worker) has no node for it, and the wait times out once; the
+    # controller asks again only when the cluster's size changes.
+    timeouts = [e for e in report["events"] if "PlacementTimeout" in e]
+    assert len(timeouts) <= 1, timeouts
+
+
 def test_no_request_fails_through_both(report: dict) -> None:
     assert report["requests"] > 0
     assert report["failures"] == 0, report["failure_reasons"]
