@@ -273,7 +273,7 @@ class EngineMonitor:
                 raise RuntimeError(f"{action} needs expert shards (expert_shards > 0)")
             method = {"scale_out": pool.add_shard, "scale_in": pool.remove_shard,
                       "rebalance": pool.rebalance}[action]  # fmt: skip
-            if action == "scale_out":  # to tell, later, whether the autoscaler found room
+            if action == "scale_out" and self.cluster_autoscaling:  # did the autoscaler find room?
                 self._scale_out_from = (len(pool.events), self._cluster_total())
             self._reconfig = method()  # loads in the background, switches later
             return {"action": action, "shards": self.shards}
