@@ -90,6 +90,7 @@ class ElasticPool(ExpertPool, Protocol):
     """A pool on ExpertShard actors (experts/ray_pool.py), as serving uses it."""
 
     num_shards: int
+    redundant: int  # extra expert copies beyond one per expert
     device: str  # where the shards compute: "cpu" or "cuda"
     balancer: ExpertLoadBalancer
     events: list[str]  # what happened (failures, replacements, switches), newest last

@@ -37,6 +37,8 @@ from serving.engine.reports import StepReport
 log = logging.getLogger("moe_serve.monitor")
 
 RECENT_REQUESTS = 512  # requests the p99 latencies are taken over
+# A rebalance must cut the predicted load CV across shards by at least this share (_rebalance_helps).
+REBALANCE_MIN_GAIN = 0.2
 
 
 def p99(values: deque[float]) -> float | None:
@@ -227,8 +229,16 @@ class EngineMonitor:
             p99_tpot_s=p99(self.tpot),
             can_scale_out=shards > 0 and not busy and self._room_for_shard(),
             can_scale_in=shards > 1 and not busy,
-            can_rebalance=shards > 0 and not busy,
+            can_rebalance=shards > 0 and not busy and self._rebalance_helps(),
         )
+
+    def _rebalance_helps(self) -> bool:
+        """A placement from the load window would cut the worst layer's predicted CV by at least
+        REBALANCE_MIN_GAIN of it: below that a rebalance costs a load and a switch for nothing,
+        and, proposed every period, would shut out every other action (RELIABILITY.md)."""
+        pool = self.pool
+        now, new = pool.balancer.placement_gain(pool.num_shards, pool.redundant)
+        return new < now * (1.0 - REBALANCE_MIN_GAIN)
 
     def _reconfiguring(self) -> bool:
         return self._reconfig is not None and self._reconfig.is_alive()

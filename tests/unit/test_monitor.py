@@ -29,10 +29,16 @@ class FakeBalancer:
     def counters(self):
         return [OverflowCounts(2, 1, 0), OverflowCounts(3, 0, 0)]
 
+    gain = (0.4, 0.1)  # predicted worst CV now, with a fresh placement
+
+    def placement_gain(self, num_shards, num_redundant):
+        return self.gain
+
 
 class FakePool:
     def __init__(self, shards: int) -> None:
         self.num_shards, self.device, self.balancer = shards, "cpu", FakeBalancer()
+        self.redundant = 0
         self.calls: list[str] = []
 
     def _call(self, name):
@@ -94,6 +100,15 @@ def test_counters_for_the_controller(monkeypatch):
     assert (local.gpus, local.cpu_shards, local.expert_load_cv) == (1, 0, None)
     assert not (local.can_scale_out or local.can_scale_in or local.can_rebalance)
     assert p99(deque()) is None
+
+
+def test_no_rebalance_is_offered_where_no_placement_would_even_the_load(monkeypatch):
+    monkeypatch.setattr(EngineMonitor, "_room_for_shard", lambda self: True)
+    pool = FakePool(2)
+    pool.balancer.gain = (0.4, 0.35)  # the best placement barely helps: rebalancing would churn
+    mon = EngineMonitor(FakeScheduler(), pool, None, on_gpu=False)
+    mon.on_step(step())
+    assert not mon.counters().can_rebalance
 
 
 @pytest.mark.parametrize(
