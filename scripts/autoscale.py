@@ -1,6 +1,6 @@
 """Scale-out and scale-in through Ray's autoscaler, on an autoscaling cluster on this machine.
 
-    .venv/bin/python scripts/autoscale.py [--clients 8] [--after-s 15] > a.json
+    .venv/bin/python scripts/autoscale.py [--clients 16] [--after-s 15] > a.json
 
 Starts a Ray head with Ray's fake multi-node provider (`ray start --head --autoscaling-config`,
 RAY_FAKE_CLUSTER=1: the autoscaler launches worker nodes as local processes, as it would launch
@@ -63,7 +63,7 @@ SERVE_ARGS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=8, help="clients while the queue is deep")
+    ap.add_argument("--clients", type=int, default=16, help="clients while the queue is deep")
     ap.add_argument("--after-s", type=float, default=15.0, help="load kept after the scale-out")
     ap.add_argument("--port", type=int, default=8143)
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per phase")
@@ -74,6 +74,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="moe-as-"))
     try:
         report = run(args, tmp)
+    except BaseException:
+        for log in ("up.log", "head.log"):  # what the server and the head said, for the failure
+            if (tmp / log).exists():
+                tail = (tmp / log).read_text(errors="replace")[-4000:]
+                print(f"--- {log} (last lines)\n{tail}", file=sys.stderr, flush=True)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report["command"] = " ".join(["scripts/autoscale.py", *sys.argv[1:]])
@@ -204,9 +210,19 @@ def status() -> dict:
     return engine().status.remote().result(timeout_s=30)
 
 
+_seen: dict[str, str] = {}
+
+
 def action_time(name: str, since: float) -> float | None:
-    """Wall time of the controller's first `name` action after `since`."""
-    times = [a["time"] for a in status()["actions"] if a["action"] == name and a["time"] > since]
+    """Wall time of the controller's first `name` action after `since` (its last decision goes
+    to stderr whenever it changes)."""
+    report = status()
+    last = report.get("last_decision") or {}
+    line = f"{last.get('action')}: {last.get('reason')}"
+    if line != _seen.get("decision"):
+        _seen["decision"] = line
+        say(f"controller: {line}")
+    times = [a["time"] for a in report["actions"] if a["action"] == name and a["time"] > since]
     return min(times) if times else None
 
 
@@ -222,6 +238,7 @@ def measure(base: str, args: argparse.Namespace) -> dict:
     # 1. Deep queue: scale_out -> node started -> shard serving.
     start = time.time()
     decided = wait_for(lambda: action_time("scale_out", start), timeout, "a scale_out decision")
+    scaled_out = decided
     before = status()
     out |= {"before": {"tokens_per_ms_per_device": before["tokens_per_ms_per_device"],
                        "tokens_per_ms": total_rate(before), "devices": before["devices"]}}  # fmt: skip
@@ -246,8 +263,9 @@ def measure(base: str, args: argparse.Namespace) -> dict:
     }  # fmt: skip
     # 2. Shallow queue: scale_in -> shard stopped -> node retired.
     light, light_failures, light_stop, _ = load(base, 1)
-    start = time.time()
-    decided = wait_for(lambda: action_time("scale_in", start), timeout, "a scale_in decision")
+    # Counted from the scale-out: should the queue have dipped below deep for scale_in_periods
+    # in a row already, the scale-in came before this phase.
+    decided = wait_for(lambda: action_time("scale_in", scaled_out), timeout, "a scale_in decision")
     say("controller decided scale_in")
     wait_for(lambda: len(status()["shard_nodes"]) == 1, timeout, "the shard to go")
     stopped_s = time.time() - decided
