@@ -32,10 +32,10 @@ import time
 import ray
 import torch
 
+from experts import shard as plain_shard
 from experts.checkpoint import MixtralConfig
 from experts.fanout import CompiledGraph, Fanout, InFlight
 from experts.pool import Pending
-from experts.shard import ExpertShard
 from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S, ShardResources, wait_for_room
 from experts.timing import ExpertTime
 from router.balancer import ExpertLoadBalancer
@@ -46,8 +46,9 @@ from router.placement import Placement, initial_placement, place_layers
 log = logging.getLogger(__name__)
 
 
-class _PlacedShard(ExpertShard):
-    """An ExpertShard that can say which Ray node it runs on (ExpertShard itself knows no Ray)."""
+class ExpertShard(plain_shard.ExpertShard):
+    """experts/shard.py's ExpertShard, which can also say which Ray node it runs on (the plain
+    class knows no Ray). Same name: the actor's process is still titled ray::ExpertShard."""
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -55,7 +56,7 @@ class _PlacedShard(ExpertShard):
 
 # The one thin Ray wrapper. Three threads: a compiled graph's loop holds one for as long as the graph
 # lives, a background `prepare` takes another, and plain `compute` calls still get through.
-RemoteShard = ray.remote(max_concurrency=3)(_PlacedShard)
+RemoteShard = ray.remote(max_concurrency=3)(ExpertShard)
 TRANSPORTS = ("compiled", "plain")
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from router.gating import renormalise
-from router.placement import Placement, place_layers, shard_load
+from router.placement import Placement, cv  # noqa: F401 - cv is part of this API too
 
 # The seed's target for the CV of load across shards: realistic, where < 0.1 is not.
 TARGET_CV = 0.15
@@ -87,13 +87,6 @@ class LayerStats:
     max_over_mean_slots: float
     batches: int
     tokens: int
-
-
-def cv(load: torch.Tensor) -> float:
-    """Coefficient of variation of a load vector: population std / mean (0 when the mean is 0)."""
-    load = load.to(torch.float64)
-    mean = load.mean()
-    return 0.0 if mean <= 0 else float(load.std(correction=0) / mean)
 
 
 def max_over_mean(load: torch.Tensor) -> float:
@@ -275,19 +268,6 @@ class ExpertLoadBalancer:
     def counters(self) -> list[OverflowCounts]:
         """Cumulative overflow counts per layer since construction."""
         return list(self._counts)
-
-    def placement_gain(self, num_shards: int, num_redundant: int) -> tuple[float, float]:
-        """(worst layer's CV across shards now, with a placement from the window), both predicted
-        from the window's router demand (an expert's load split evenly over its copies): whether
-        a rebalance can help at all. Demand that no placement evens out (a random model's routing
-        on few shards) gives a small gain, and rebalancing it again would only churn."""
-        window = self.tokens_per_expert()  # [L, E]
-        if window.sum() == 0:
-            return 0.0, 0.0
-        fresh = place_layers(window, num_shards, num_redundant)
-        now = max(cv(shard_load(p, w)) for p, w in zip(self._placements, window, strict=True))
-        new = max(cv(shard_load(p, w)) for p, w in zip(fresh, window, strict=True))
-        return now, new
 
     def should_rebalance(self, target_cv: float = TARGET_CV) -> list[int]:
         """Layers whose window is full and whose CV across shards is above the target.

@@ -141,6 +141,28 @@ def shard_load(
     return out.index_add_(0, placement.slot_shard, per_slot)  # [N]
 
 
+def placement_gain(
+    current: list[Placement], tokens_per_expert: torch.Tensor, num_redundant: int
+) -> tuple[float, float]:
+    """(worst layer's CV across shards now, under a placement from the demand): whether placing
+    afresh can help at all, both predicted from tokens_per_expert [L, E] (an expert's load split
+    evenly over its copies). Demand that no placement evens out (a random model's routing on few
+    shards) gives a small gain, and rebalancing it again would only churn."""
+    if tokens_per_expert.sum() == 0:
+        return 0.0, 0.0
+    fresh = place_layers(tokens_per_expert, current[0].num_shards, num_redundant)
+    now = max(cv(shard_load(p, w)) for p, w in zip(current, tokens_per_expert, strict=True))
+    new = max(cv(shard_load(p, w)) for p, w in zip(fresh, tokens_per_expert, strict=True))
+    return now, new
+
+
+def cv(load: torch.Tensor) -> float:
+    """Coefficient of variation of a load vector: population std / mean (0 when the mean is 0)."""
+    load = load.to(torch.float64)
+    mean = load.mean()
+    return 0.0 if mean <= 0 else float(load.std(correction=0) / mean)
+
+
 def live_slots(placement: Placement, dead_shards: Iterable[int]) -> list[list[int]]:
     """Slots of each logical expert that survive when `dead_shards` are gone: E lists."""
     dead = set(dead_shards)

@@ -234,7 +234,7 @@ def total_rate(report: dict) -> float | None:
 def measure(base: str, args: argparse.Namespace) -> dict:
     timeout = args.timeout_s
     out: dict = {"clients": args.clients, "nodes_at_start": alive_nodes()}
-    results, failures, stop, t0 = load(base, args.clients)
+    results, failures, stop, t0, _ = load(base, args.clients)
     # 1. Deep queue: scale_out -> node started -> shard serving.
     start = time.time()
     decided = wait_for(lambda: action_time("scale_out", start), timeout, "a scale_out decision")
@@ -262,7 +262,7 @@ def measure(base: str, args: argparse.Namespace) -> dict:
         "completions_per_s": rates(done, switched, args.after_s),
     }  # fmt: skip
     # 2. Shallow queue: scale_in -> shard stopped -> node retired.
-    light, light_failures, light_stop, _ = load(base, 1)
+    light, light_failures, light_stop, *_ = load(base, 1)
     # Counted from the scale-out: should the queue have dipped below deep for scale_in_periods
     # in a row already, the scale-in came before this phase.
     decided = wait_for(lambda: action_time("scale_in", scaled_out), timeout, "a scale_in decision")

@@ -26,11 +26,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from soak import KEY, recovery, request, wait_ready
+from soak import KEY, load, recovery, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_RESOURCE = "moe_engine"
@@ -126,7 +125,7 @@ def measure(cluster, workers: list, base: str, args: argparse.Namespace) -> dict
     nodes = {w.node_id: w for w in workers}
     victim_id = start["shard_nodes"][0]
     say(f"shards on nodes {[n[:8] for n in start['shard_nodes']]}; losing {victim_id[:8]}")
-    results, failures, stop, t0 = load(base, args.clients)
+    results, failures, stop, t0, _ = load(base, args.clients)
     time.sleep(args.before_s)
     lost_at = time.monotonic() - t0
     cluster.remove_node(nodes[victim_id], allow_graceful=False)
@@ -162,28 +161,6 @@ def wait_replaced(before: list[str], t0: float, lost_at: float, limit_s: float) 
             return round(time.monotonic() - t0 - lost_at, 1)
         time.sleep(0.5)
     return None
-
-
-def load(base: str, clients: int):
-    """`clients` threads sending the soak's request mix until `stop` is set."""
-    results: list[tuple[float, float, bool]] = []  # (start offset s, latency s, ok)
-    failures: dict[str, int] = {}
-    lock, stop, t0 = threading.Lock(), threading.Event(), time.monotonic()
-
-    def client(index: int) -> None:
-        kind = index
-        while not stop.is_set():
-            began = time.monotonic()
-            outcome = request(base, kind)
-            with lock:
-                results.append((began - t0, time.monotonic() - began, outcome == "ok"))
-                if outcome != "ok":
-                    failures[outcome] = failures.get(outcome, 0) + 1
-            kind += 1
-
-    for i in range(clients):
-        threading.Thread(target=client, args=(i,), daemon=True).start()
-    return results, failures, stop, t0
 
 
 if __name__ == "__main__":

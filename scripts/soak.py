@@ -177,32 +177,39 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def soak(base: str, minutes: int, clients: int, kill: bool = True) -> dict:
-    results: list[tuple[float, float, bool]] = []  # (start offset s, latency s, ok)
+def load(base: str, clients: int):
+    """`clients` threads sending the request mix (request()) one after another until the returned
+    `stop` is set: (results [(start offset s, latency s, ok)], failures {what: count}, stop, t0,
+    the threads), the lists filled as requests finish."""
+    results: list[tuple[float, float, bool]] = []
     failures: dict[str, int] = {}  # what went wrong -> how often
     lock, stop, t0 = threading.Lock(), threading.Event(), time.monotonic()
 
     def client(index: int) -> None:
         kind = index
         while not stop.is_set():
-            start = time.monotonic()
+            began = time.monotonic()
             outcome = request(base, kind)
             with lock:
-                results.append((start - t0, time.monotonic() - start, outcome == "ok"))
+                results.append((began - t0, time.monotonic() - began, outcome == "ok"))
                 if outcome != "ok":
                     failures[outcome] = failures.get(outcome, 0) + 1
             kind += 1
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    readings = [{"minute": 0, "rss_mib": memory()}]  # before any load
     for t in threads:
         t.start()
+    return results, failures, stop, t0, threads
+
+
+def soak(base: str, minutes: int, clients: int, kill: bool = True) -> dict:
+    readings = [{"minute": 0, "rss_mib": memory()}]  # before any load
+    results, failures, stop, t0, threads = load(base, clients)
     kills = []
     for minute in range(minutes):
         time.sleep(max(0.0, t0 + 60 * (minute + 1) - time.monotonic()))
         readings.append({"minute": minute + 1, "rss_mib": memory()})  # before this minute's kill
-        with lock:
-            done = list(results)
+        done = list(results)
         print(f"soak: minute {minute + 1}: {per_minute(done, minute + 1)[-1]} "
               f"rss {readings[-1]['rss_mib']}", file=sys.stderr, flush=True)  # fmt: skip
         shards = sorted(p for p, title in processes().items() if title == "ExpertShard")

@@ -77,6 +77,13 @@ def http(
         return status, hdrs, raw
 
 
+def moe_status(url: str, key: str | None = None) -> dict:
+    """GET /v1/moe/status (the controller's report), asserted to answer 200."""
+    code, _, body = http("GET", f"{url}/v1/moe/status", key=key)
+    assert code == 200, body
+    return body
+
+
 def wait_healthy(url: str, timeout_s: float = 120.0, key: str | None = None) -> dict:
     """The body of `url`/health once it answers 200 with the engine's view (a dict with a
     "scheduler" entry; its "status" is "ok", or "draining" once a drain began). Refused

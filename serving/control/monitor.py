@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from experts.pool import ElasticPool
+from router.placement import placement_gain
 from serving.control.capacity import Plan
 from serving.control.controller import Decision, devices_in_use
 from serving.control.controller_loop import Counters
@@ -236,8 +237,9 @@ class EngineMonitor:
         """A placement from the load window would cut the worst layer's predicted CV by at least
         REBALANCE_MIN_GAIN of it: below that a rebalance costs a load and a switch for nothing,
         and, proposed every period, would shut out every other action (RELIABILITY.md)."""
-        pool = self.pool
-        now, new = pool.balancer.placement_gain(pool.num_shards, pool.redundant)
+        balancer = self.pool.balancer
+        current = [balancer.placement(layer) for layer in range(balancer.num_layers)]
+        now, new = placement_gain(current, balancer.tokens_per_expert(), self.pool.redundant)
         return new < now * (1.0 - REBALANCE_MIN_GAIN)
 
     def _reconfiguring(self) -> bool:

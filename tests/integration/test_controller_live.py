@@ -13,7 +13,7 @@ from serving.config import MonitoringConfig, SchedulerConfig, ServeConfig
 from serving.control import metrics
 from serving.control.controller import ControllerConfig
 
-from ..support import Load, wait_healthy, wait_until
+from ..support import Load, moe_status, wait_healthy, wait_until
 from .test_http import http
 from .test_metrics import present, scrape
 
@@ -77,9 +77,7 @@ def live_load(url: str, clients: int = 3) -> Load:
 
 
 def status(url: str) -> dict:
-    code, _, body = http("GET", f"{url}/v1/moe/status", key=KEY)
-    assert code == 200, body
-    return body
+    return moe_status(url, KEY)
 
 
 def test_controller_sees_the_slowed_shard_and_acts(live):

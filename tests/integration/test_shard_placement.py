@@ -78,3 +78,23 @@ def test_missing_gpus_are_reported_while_waited_for(ray_session):
     assert "0 GPU free of 0" in lines[0]
     assert "3 ExpertShard(s) want 1 GPU each" in str(err.value)
     assert "--shard-gpus 0.5" in str(err.value)
+
+
+def test_an_engine_resource_no_node_has_fails_in_one_line(ray_session):
+    from serving.cli.up import _check_engine_resource
+    from serving.config import ServeConfig
+    from serving.errors import UserError
+
+    _check_engine_resource(ServeConfig())  # none asked for: nothing to check
+    _check_engine_resource(ServeConfig(engine_resource="CPU"))  # every node has CPUs
+    with pytest.raises(UserError, match="engine_resource 'moe_engine': no node") as err:
+        _check_engine_resource(ServeConfig(engine_resource="moe_engine"))
+    assert "\n" not in str(err.value) and "ray start --resources" in str(err.value)
+
+
+def test_shards_ask_ray_to_spread_them_over_nodes():
+    from experts.shard_resources import ShardResources
+
+    cpu = ShardResources(gpu=False, cpus=0.5).actor_options(0.5)
+    assert cpu == {"num_cpus": 0.5, "scheduling_strategy": "SPREAD"}
+    assert ShardResources(gpu=True).actor_options(1.0)["scheduling_strategy"] == "SPREAD"

@@ -17,12 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.config import MonitoringConfig, PhaseTarget, SchedulerConfig, ServeConfig
+from serving.config import MonitoringConfig, PhaseTarget
 from serving.control.controller import ControllerConfig
 
-from ..support import Load, http, wait_healthy, wait_until
+from ..support import Load, moe_status, wait_until
+from .test_controller_live import KEY, demo_app
 
-KEY = "skew-key"
 APP = "moe-serve-skew"
 TARGET_CV = 0.15
 pytestmark = pytest.mark.ray
@@ -48,10 +48,6 @@ def write_skewed(demo_path, out, scale: float = 4.0) -> None:
 def skewed(serve_http, demo_path, tmp_path_factory):
     """The skewed model on 2 shards (no redundant copies: only moving experts can balance it),
     a controller that only the imbalance can move (a target it meets), under APP."""
-    from ray import serve
-
-    from serving.api.app import application
-
     path = tmp_path_factory.mktemp("skew") / "ckpt"
     write_skewed(demo_path, path)
     controller = ControllerConfig(
@@ -62,29 +58,13 @@ def skewed(serve_http, demo_path, tmp_path_factory):
         target_cv=TARGET_CV,
         phases=(PhaseTarget(name="met", tokens_per_ms=1e-6),),
     )
-    config = ServeConfig(
-        api_key=KEY,
-        model=str(path),
-        served_model_name="demo",
-        expert_shards=2,
-        scheduler=SchedulerConfig(
-            max_batch_slots=8, max_seq_len=256, step_token_budget=128, max_queue=32
-        ),
-        monitoring=MonitoringConfig(period_s=1.0, metrics=False),
-        controller=controller,
-    )
-    serve.run(application(config), name=APP, route_prefix="/", blocking=False)
-    wait_healthy(serve_http)
-    try:
-        yield serve_http, serve.get_deployment_handle("Engine", app_name=APP)
-    finally:
-        serve.delete(APP)
+    monitoring = MonitoringConfig(period_s=1.0, metrics=False)
+    with demo_app(serve_http, path, APP, monitoring=monitoring, controller=controller) as app:
+        yield app
 
 
 def status(url: str) -> dict:
-    code, _, body = http("GET", f"{url}/v1/moe/status", key=KEY)
-    assert code == 200, body
-    return body
+    return moe_status(url, KEY)
 
 
 def test_the_controller_rebalances_a_skewed_model_below_the_cv_target(skewed):

@@ -10,7 +10,7 @@ import torch
 
 from router.balancer import TARGET_CV, ExpertLoadBalancer, OverflowCounts, cv, max_over_mean
 from router.gating import top_k_gating
-from router.placement import initial_placement, place
+from router.placement import initial_placement, place, placement_gain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,14 +178,18 @@ def test_should_rebalance_needs_a_full_window_above_target():
 def test_placement_gain_is_large_only_where_a_placement_can_even_the_load():
     balancer = ExpertLoadBalancer([initial_placement(4, 2)], window=4)  # shard 0: 0, 2; 1: 1, 3
     balancer.record(0, torch.tensor([2, 0, 2, 0]), torch.tensor([2, 2, 0, 0]))
-    now, new = balancer.placement_gain(2, 0)
+
+    def gain(b: ExpertLoadBalancer, redundant: int) -> tuple[float, float]:
+        return placement_gain([b.placement(0)], b.tokens_per_expert(), redundant)
+
+    now, new = gain(balancer, 0)
     assert now == pytest.approx(1.0) and new == pytest.approx(0.0)
     balancer.set_placement(0, place(balancer.tokens_per_expert()[0], 2, 0))
-    assert balancer.placement_gain(2, 0) == pytest.approx((0.0, 0.0))  # placed: nothing to gain
+    assert gain(balancer, 0) == pytest.approx((0.0, 0.0))  # placed: nothing to gain
     hot = ExpertLoadBalancer([initial_placement(4, 2)], window=4)
     hot.record(0, torch.tensor([4, 0, 0, 0]), torch.tensor([4, 0, 0, 0]))
-    assert hot.placement_gain(2, 0) == pytest.approx((1.0, 1.0))  # one expert: no placement helps
-    assert hot.placement_gain(2, 1)[1] == pytest.approx(0.0)  # a second copy does
+    assert gain(hot, 0) == pytest.approx((1.0, 1.0))  # one expert: no placement helps
+    assert gain(hot, 1)[1] == pytest.approx(0.0)  # a second copy does
 
 
 def test_set_placement_restarts_only_the_slot_window():

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from router.balancer import LayerStats, OverflowCounts
+from serving.control import monitor
 from serving.control.controller import BatchSettings, Decision
 from serving.control.monitor import EngineMonitor, p99
 from serving.engine.reports import RequestTiming, StepReport
@@ -29,10 +30,13 @@ class FakeBalancer:
     def counters(self):
         return [OverflowCounts(2, 1, 0), OverflowCounts(3, 0, 0)]
 
-    gain = (0.4, 0.1)  # predicted worst CV now, with a fresh placement
+    num_layers = 2
 
-    def placement_gain(self, num_shards, num_redundant):
-        return self.gain
+    def placement(self, layer):
+        return None
+
+    def tokens_per_expert(self):
+        return None
 
 
 class FakePool:
@@ -89,6 +93,7 @@ def test_each_step_is_recorded_and_the_balancer_read_each_period():
 
 def test_counters_for_the_controller(monkeypatch):
     monkeypatch.setattr(EngineMonitor, "_room_for_shard", lambda self: True)
+    monkeypatch.setattr(monitor, "placement_gain", lambda *_: (0.4, 0.1))  # CV now, placed afresh
     mon = EngineMonitor(FakeScheduler(), FakePool(2), None, on_gpu=False)
     mon.on_step(step((RequestTiming(0.1, 0.5, 0.02),)))
     c = mon.counters()
@@ -104,8 +109,9 @@ def test_counters_for_the_controller(monkeypatch):
 
 def test_no_rebalance_is_offered_where_no_placement_would_even_the_load(monkeypatch):
     monkeypatch.setattr(EngineMonitor, "_room_for_shard", lambda self: True)
+    # The best placement barely helps: rebalancing would churn.
+    monkeypatch.setattr(monitor, "placement_gain", lambda *_: (0.4, 0.35))
     pool = FakePool(2)
-    pool.balancer.gain = (0.4, 0.35)  # the best placement barely helps: rebalancing would churn
     mon = EngineMonitor(FakeScheduler(), pool, None, on_gpu=False)
     mon.on_step(step())
     assert not mon.counters().can_rebalance

@@ -1,0 +1,39 @@
+"""Options for a multi-node cluster: the engine's node marker and an autoscaler, from the CLI
+and serve.yaml; the status names each shard's node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.cli.command import build_parser
+from serving.cli.status import render
+from serving.cli.up import resolve_config
+from serving.config import config_from_args, load_config
+from serving.control.controller_loop import StatusReport
+from serving.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_up_flags_set_the_engine_resource_and_autoscaling():
+    args = build_parser().parse_args(
+        ["up", "--engine-resource", "moe_engine", "--cluster-autoscaling"]
+    )
+    config = resolve_config(args)
+    assert (config.engine_resource, config.cluster_autoscaling) == ("moe_engine", True)
+    plain = resolve_config(build_parser().parse_args(["up"]))
+    assert (plain.engine_resource, plain.cluster_autoscaling) == (None, False)
+
+
+def test_serve_yaml_carries_both_and_an_empty_resource_is_refused():
+    config = load_config(ROOT / "configs" / "serve.yaml")
+    assert (config.engine_resource, config.cluster_autoscaling) == (None, False)
+    with pytest.raises(UserError, match="engine_resource"):
+        config_from_args({"engine_resource": ""})
+
+
+def test_the_status_names_each_shards_node():
+    report = StatusReport(shard_nodes=["a1b2c3d4e5", "f6a7b8c9d0"], engine_node="e0")
+    assert "shard nodes           0:a1b2c3d4, 1:f6a7b8c9 (2 nodes)" in render(report, now=0.0)
