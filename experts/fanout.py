@@ -119,7 +119,20 @@ class Fanout:
             if self.graph is None:
                 return None
             job.graph = self.graph
-            return self.graph.execute(job.version, job.layer, xs, cs)
+            try:
+                return self.graph.execute(job.version, job.layer, xs, cs)
+            except Exception as exc:  # a shard died and Ray closed the graph's channels already
+                self._drop(job.graph, exc)
+                return None
+
+    def _drop(self, graph: CompiledGraph, exc: BaseException) -> None:
+        """Tear down a failed graph (with the lock held), if it is still the live one: plain
+        calls take over and find which shard failed."""
+        if self.graph is graph:
+            self.graph = None
+            graph.teardown()
+            self.events.append(f"compiled graph torn down: {type(exc).__name__}")
+        log.warning("compiled graph failed (%s); serving through plain calls", exc)
 
     def _plain(self, job: InFlight) -> dict:
         """One plain actor call per shard with rows: {shard: (start, end, ref)}."""
@@ -140,11 +153,7 @@ class Fanout:
             ys = ray.get(job.refs, timeout=self.call_timeout_s)
         except Exception as exc:
             with self.lock:
-                if self.graph is job.graph:
-                    self.graph = None
-                    job.graph.teardown()
-                    self.events.append(f"compiled graph torn down: {type(exc).__name__}")
-            log.warning("compiled graph failed (%s); serving through plain calls", exc)
+                self._drop(job.graph, exc)
             return None
         for s, (_, seconds) in enumerate(ys):
             job.shard_s[s] += seconds
