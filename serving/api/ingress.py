@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from serving.api import protocol as p
 from serving.api.model_info import ModelInfo
-from serving.api.responses import Output, close, retry_later
+from serving.api.responses import ClosingStream, Output, close, retry_later
 from serving.config import ServeConfig
 from serving.engine.requests import Admission, Event, Job
 from serving.engine.sampling import ContextTooLong, SamplingParams, check_context
@@ -250,8 +250,8 @@ class _Context:
         return retry_later(why, "queue_full", self.config.limits.retry_after_s)
 
     @staticmethod
-    def _sse(chunks: AsyncIterator[bytes]) -> StreamingResponse:
-        return StreamingResponse(
+    def _sse(chunks: AsyncIterator[bytes]) -> ClosingStream:
+        return ClosingStream(
             chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 

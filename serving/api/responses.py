@@ -4,7 +4,11 @@ is transient, else 500)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from serving.api import protocol as p
 from serving.api.model_info import ModelInfo
@@ -32,6 +36,21 @@ async def close(events: AsyncIterator) -> None:
             if hasattr(result, "__await__"):
                 await result
             return
+
+
+class ClosingStream(StreamingResponse):
+    """Server-sent events whose source is closed the moment the response ends, however it ends.
+
+    When the client goes away, Starlette cancels the writer; if that lands while it is sending a
+    chunk (not awaiting the next), it leaves our generator suspended, and only the garbage
+    collector would close it, some time later: until then the engine goes on generating for
+    nobody. Closing it here cancels the request at once."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # shielded: a second cancellation must not cut the close chain short
+            await asyncio.shield(close(self.body_iterator))
 
 
 class Output:

@@ -14,12 +14,18 @@ holding every new event of that replica's requests; the ingress hands them to it
 If the stream breaks (the engine replica restarted), the requests waiting on it end with a
 retryable error event and the next request opens a new stream. When a stream closes (its ingress
 went away), the engine cancels that stream's requests.
+
+The ingress makes its calls to the engine (the shared stream, a cancel notice) outside the calling
+request's context: Ray Serve cancels a cancelled request's calls still waiting for a replica, and
+the notice that a client went away is sent exactly while its request is being cancelled; the
+shared stream must outlive the request that happened to open it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import uuid
 from collections import defaultdict
@@ -117,7 +123,9 @@ class IngressStreams:
     def _ensure_reader(self) -> str:
         if self._reader is None or self._reader.done():
             self._stream_id = uuid.uuid4().hex
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._stream_id))
+            reader = self._read(self._stream_id)
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(reader, context=contextvars.Context())
         return self._stream_id
 
     async def _read(self, stream: str) -> None:
@@ -155,4 +163,4 @@ class IngressStreams:
             self._inboxes.pop(request, None)
             if not finished:
                 with contextlib.suppress(Exception):
-                    self._cancel(request)
+                    contextvars.Context().run(self._cancel, request)

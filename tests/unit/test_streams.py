@@ -5,10 +5,13 @@ generation, and a broken stream ends the waiting requests with a retryable error
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
+from starlette.responses import StreamingResponse
 
 from serving import load_model
+from serving.api.responses import ClosingStream
 from serving.api.streams import EngineStreams, IngressStreams
 from serving.config import SchedulerConfig
 from serving.engine.generate import generate
@@ -129,3 +132,76 @@ def test_close_ends_the_streams_after_their_events():
         return [batch async for batch in engine.stream("s")]
 
     assert asyncio.run(main()) == [[("r", [])]]
+
+
+REQUEST = contextvars.ContextVar(
+    "REQUEST", default="none"
+)  # stands for Ray Serve's request context
+
+
+def test_the_stream_and_the_cancel_notice_leave_the_request_context(model):
+    """Ray Serve cancels a cancelled request's pending calls: the notice that its client went
+    away, and the stream shared by every request, must not be calls of that request."""
+    job = Job(tuple(prompts(1)[0]), SamplingParams(max_tokens=50))
+    seen: dict[str, str] = {}
+
+    async def main():
+        scheduler = Scheduler(model, SchedulerConfig(max_batch_slots=2, step_token_budget=64))
+        engine = EngineStreams(scheduler)
+
+        async def submit(job, stream, request):
+            seen["submit"] = REQUEST.get()
+            return engine.submit(job, stream, request)
+
+        def open_stream(stream):
+            seen["stream"] = REQUEST.get()
+            return engine.stream(stream)
+
+        def cancel(request):
+            seen["cancel"] = REQUEST.get()
+            engine.cancel(request)
+
+        REQUEST.set("request-1")
+        stream = IngressStreams(submit, open_stream, cancel).generate(job)
+        assert (await anext(stream)).admitted
+        await anext(stream)
+        await stream.aclose()
+
+    asyncio.run(main())
+    assert seen == {"submit": "request-1", "stream": "none", "cancel": "none"}
+
+
+def sse_cancelled_while_sending(response_class) -> bool:
+    """Run a streaming response whose client disconnects while a chunk is being sent; whether
+    the body's generator was closed when the response returned."""
+    closed = asyncio.Event()
+
+    async def body():
+        try:
+            while True:
+                yield b"data: x\n\n"
+        finally:
+            closed.set()
+
+    async def main():
+        sending = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                sending.set()
+                await asyncio.Event().wait()  # a slow client: this send never completes
+
+        async def receive():
+            await sending.wait()
+            return {"type": "http.disconnect"}
+
+        gen = body()
+        await response_class(gen)({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        return closed.is_set()
+
+    return asyncio.run(main())
+
+
+def test_a_stream_cut_mid_send_closes_its_source_at_once():
+    assert not sse_cancelled_while_sending(StreamingResponse)  # what Starlette alone does
+    assert sse_cancelled_while_sending(ClosingStream)
