@@ -245,7 +245,7 @@ def measure(base: str, args: argparse.Namespace) -> dict:
     say("controller decided scale_out")
     wait_for(lambda: alive_nodes() == 2, timeout, "the autoscaler's node")
     node_s = time.time() - decided
-    wait_for(lambda: len(status()["shard_nodes"]) == 2, timeout, "the second shard serving")
+    serving = wait_for(two_shards, timeout, "the second shard serving")
     serving_s = time.time() - decided
     say(f"second shard serving {serving_s:.1f} s after the decision")
     switched = time.monotonic() - t0
@@ -256,7 +256,7 @@ def measure(base: str, args: argparse.Namespace) -> dict:
     out |= {
         "scale_out": {"node_started_after_s": round(node_s, 1),
                       "serving_after_s": round(serving_s, 1),
-                      "shard_nodes": after["shard_nodes"]},
+                      "shard_nodes": serving["shard_nodes"]},
         "after": {"tokens_per_ms_per_device": after["tokens_per_ms_per_device"],
                   "tokens_per_ms": total_rate(after), "devices": after["devices"]},
         "completions_per_s": rates(done, switched, args.after_s),
@@ -282,8 +282,18 @@ def measure(base: str, args: argparse.Namespace) -> dict:
         "failures": sum(not ok for *_, ok in every),
         "failure_reasons": failures | light_failures,
         "events": engine().expert_events.remote().result(timeout_s=30),
+        # The controller's actions (its last 20), seconds from the start of the load.
+        "actions": [f"{a['time'] - start:+.1f} s {a['action']}: {a['reason']}"
+                    for a in status()["actions"]],
     }  # fmt: skip
     return out
+
+
+def two_shards() -> dict | None:
+    """The status once the second shard serves (what the scale-out is judged on: a scale-in
+    may follow before the throughput window ends)."""
+    report = status()
+    return report if len(report["shard_nodes"]) == 2 else None
 
 
 def rates(done: list[tuple[float, float, bool]], switched: float, after_s: float) -> dict:
