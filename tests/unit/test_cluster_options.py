@@ -37,3 +37,18 @@ def test_serve_yaml_carries_both_and_an_empty_resource_is_refused():
 def test_the_status_names_each_shards_node():
     report = StatusReport(shard_nodes=["a1b2c3d4e5", "f6a7b8c9d0"], engine_node="e0")
     assert "shard nodes           0:a1b2c3d4, 1:f6a7b8c9 (2 nodes)" in render(report, now=0.0)
+
+
+def test_the_engine_beside_cpu_shards_lets_its_idle_threads_sleep(monkeypatch):
+    from serving.api.app import engine_env
+    from serving.config import ServeConfig
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    passive = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
+    assert engine_env(ServeConfig(expert_shards=2)) == passive
+    assert engine_env(ServeConfig()) == {}  # no shards to leave the cores to
+    assert engine_env(ServeConfig(expert_shards=2, device="cuda")) == {}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the operator's choice wins
+    assert engine_env(ServeConfig(expert_shards=2)) == {
+        "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE"}}
+    }
