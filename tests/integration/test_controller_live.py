@@ -37,21 +37,21 @@ FAST_CONTROLLER = ControllerConfig(
 @contextmanager
 def demo_app(serve_http: str, demo_path, app: str, **fields):
     """The demo model on 2 expert shards, API key KEY, served as "demo", planned for this CPU,
-    under `app`; `fields` set more ServeConfig fields. Yields (base URL, Engine handle)."""
+    under `app`; `fields` set more ServeConfig fields (or replace these). Yields (base URL,
+    Engine handle)."""
     from ray import serve
 
     from serving.api.app import application
 
-    config = ServeConfig(
-        api_key=KEY,
-        model=str(demo_path),
-        served_model_name="demo",
+    defaults = dict(
         expert_shards=2,
         scheduler=SchedulerConfig(
             max_batch_slots=8, max_seq_len=256, step_token_budget=128, max_queue=32
         ),
         hardware="cpu",  # measured: the planner's targets for this machine
-        **fields,
+    )
+    config = ServeConfig(
+        api_key=KEY, model=str(demo_path), served_model_name="demo", **(defaults | fields)
     )
     serve.run(application(config), name=app, route_prefix="/", blocking=False)
     wait_healthy(serve_http)
