@@ -16,6 +16,8 @@ does the call fail, fast, with ExpertUnavailableError.
 Compiled graph: the fan-out is compiled once per set of actors. It takes the placement version as
 an input, so rebalancing keeps it; a dead or replaced shard tears it down, the pool serves through
 plain actor calls meanwhile, and recompiles in the background once every shard is live again.
+Unused for `idle_release_s`, the graph is released too (its actors would poll, a core each) and
+compiled again when layers come back (experts/idle.py).
 
 Rebalancing: `rebalance()` computes a new placement from the balancer's load window, loads it on
 every shard beside the serving one (shards run two threads), and switches at the start of the next
@@ -35,6 +37,7 @@ import torch
 from experts import shard as plain_shard
 from experts.checkpoint import MixtralConfig
 from experts.fanout import CompiledGraph, Fanout, InFlight
+from experts.idle import IdleRelease
 from experts.pool import Pending
 from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S, ShardResources, wait_for_room
 from experts.timing import ExpertTime
@@ -58,6 +61,7 @@ class ExpertShard(plain_shard.ExpertShard):
 # lives, a background `prepare` takes another, and plain `compute` calls still get through.
 RemoteShard = ray.remote(max_concurrency=3)(ExpertShard)
 TRANSPORTS = ("compiled", "plain")
+IDLE_RELEASE_S = 30.0  # no layer for this long: the compiled graph is released (experts/idle.py)
 
 
 def ensure_ray() -> None:
@@ -91,6 +95,7 @@ class RayExpertPool:
         shard_gpus: float = 1.0,
         shard_cpus: float | None = None,
         placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
+        idle_release_s: float = IDLE_RELEASE_S,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -127,8 +132,11 @@ class RayExpertPool:
         self.shards = [self._start_actor() for _ in range(num_shards)]
         self._load_all(self.version, self.placements())
         self.nodes = self._nodes_of(self.shards)  # the Ray node of each shard, for operators
+        self.idle: IdleRelease | None = None  # releases the compiled graph while unused
         if transport == "compiled":
             self._compile()
+            if idle_release_s > 0:
+                self.idle = IdleRelease(idle_release_s, self._release_idle, self._compile)
 
     # -- the ExpertPool interface ----------------------------------------------------------------
 
@@ -151,6 +159,8 @@ class RayExpertPool:
         """x [N, D] grouped by slot -> (later) [N, D]; one concurrent call per shard with rows,
         sent now; the caller may compute something else before it asks for the result."""
         began = time.perf_counter()
+        if self.idle is not None:
+            self.idle.touch()  # after an idle release: plain calls now, compiling again
         shard_s = [0.0] * self.num_shards  # each shard's own compute time in this layer
         # Host row counts: they travel as numpy (the model may be on a GPU).
         job = self.fanout.start(self.shards, self._dead, self.version, layer,
@@ -334,7 +344,18 @@ class RayExpertPool:
             if self.transport == "compiled":
                 threading.Thread(target=self._compile, daemon=True).start()
 
+    def _release_idle(self) -> bool:
+        """Tear the compiled graph down while no layer comes (its actors would poll, a core
+        each); True when there was one."""
+        if self.fanout.graph is None:
+            return False
+        self.fanout.set_graph(None)
+        self.events.append("compiled graph released: idle")
+        return True
+
     def shutdown(self) -> None:
+        if self.idle is not None:
+            self.idle.stop()
         with self.fanout.lock:
             graph, self.fanout.graph = self.fanout.graph, None
         if graph is not None:

@@ -234,3 +234,45 @@ def test_add_and_remove_shards_while_serving(ray_session, demo_path, reference):
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
         model.close()
+
+
+def cpu_seconds(pids: list[int], over_s: float) -> float:
+    """CPU seconds the processes used together over the next `over_s` (Linux /proc)."""
+
+    def used() -> float:
+        ticks = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    start = used()
+    time.sleep(over_s)
+    return used() - start
+
+
+def test_an_idle_graph_is_released_and_compiled_again(ray_session, demo_path, reference):
+    """A compiled graph's idle shards poll their channels, a core each: unused for
+    idle_release_s, the graph is released and they stop; the next batch is served exactly
+    through plain calls while the graph compiles again."""
+    import ray
+
+    model = load_model(demo_path, expert_shards=2, idle_release_s=4.0)
+    pool = model.pool
+    try:
+        pids = ray.get([a.pid.remote() for a in pool.shards], timeout=30)
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
+        polling = cpu_seconds(pids, 1.5)  # idle, the graph still live
+        wait_until(lambda: pool.transport_in_use == "plain", 30, lambda: f"release: {pool.events}")
+        released = cpu_seconds(pids, 1.5)
+        print(f"shards' CPU seconds in 1.5 s: polling {polling:.2f}, released {released:.2f}")
+        assert released < 0.5 * polling, (polling, released)
+        assert "compiled graph released: idle" in pool.events
+        assert (model(IDS) - reference).abs().max().item() < 1e-5  # served, and compiling
+        wait_until(
+            lambda: pool.transport_in_use == "compiled", 30, lambda: f"compiled: {pool.events}"
+        )
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
+    finally:
+        model.close()
