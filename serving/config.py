@@ -59,6 +59,10 @@ class ControllerConfig(Frozen):
     shortfall_margin: float = Field(0.10, ge=0, lt=1)
     surplus_margin: float = Field(0.10, ge=0, lt=1)
     deep_queue: int = Field(8, ge=1)  # waiting requests from which the queue counts as deep
+    # Waiting requests up to which a surplus may scale in (None: half of deep_queue). The band
+    # between holds the devices: a queue hovering at the deep mark would otherwise add a device
+    # one period and remove it a few periods later.
+    shallow_queue: int | None = Field(None, ge=0)
     target_cv: float = Field(0.15, gt=0)
     max_p99_ttft_s: float | None = Field(2.0, gt=0)
     max_p99_tpot_s: float | None = Field(0.2, gt=0)
@@ -72,6 +76,14 @@ class ControllerConfig(Frozen):
     window_s: float = Field(30.0, gt=0)  # the live tokens/ms sliding window
 
     @model_validator(mode="after")
+    def _shallow_below_deep(self) -> ControllerConfig:
+        if self.shallow_queue is not None and self.shallow_queue >= self.deep_queue:
+            raise ValueError(
+                f"shallow_queue: {self.shallow_queue} must be below deep_queue ({self.deep_queue})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _phase_known(self) -> ControllerConfig:
         if self.phase is None:
             return self
@@ -82,6 +94,11 @@ class ControllerConfig(Frozen):
         if not chosen[0].feasible:
             raise ValueError(f"phase: {self.phase!r} exceeds the ceiling; choose a feasible phase")
         return self
+
+    @property
+    def shallow_mark(self) -> int:
+        """Waiting requests up to which a surplus may scale in."""
+        return self.deep_queue // 2 if self.shallow_queue is None else self.shallow_queue
 
     def current_phase(self) -> tuple[int, PhaseTarget] | None:
         """(1-based number, phase) of the phase in force, or None without feasible phases."""

@@ -11,7 +11,9 @@ Each period one action is proposed; the first rule that holds wins:
   4. shortfall (live < target x (1 - margin)), deep queue
      -> scale_out where resources allow, else batch_fallback where it has room, else hold
   5. shortfall, shallow queue
-     -> scale_in when the work fits one device fewer, each still below target (surplus devices),
+     -> scale_in when the work fits one device fewer, each still below target (surplus devices)
+        and the queue is at most `shallow_queue` (half the deep mark by default: the band
+        between holds the devices, so a queue hovering at the deep mark does not flap),
         else batch_fallback where it has room, else hold
   6. otherwise                                           -> hold
 Hysteresis: an action is taken only after it was proposed `confirm_periods` periods in a row
@@ -209,6 +211,7 @@ def propose(
         return "hold", f"shortfall, deep {queue}, no room to scale out nor fall back: {rate}"
     fewer = obs.devices - 1
     surplus = fewer >= config.min_devices and obs.can_scale_in
+    surplus = surplus and obs.queue_depth <= config.shallow_mark
     if surplus and live * obs.devices / fewer <= target * (1.0 - config.surplus_margin):
         return "scale_in", f"surplus: the work fits {fewer} device(s) below target: {rate}"
     if can_fallback:

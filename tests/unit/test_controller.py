@@ -96,6 +96,27 @@ TABLE = [
     ),
     ("surplus, but not allowed to scale in", obs(2.0, devices=4), {}, {}, "batch_fallback"),
     (
+        "surplus at the shallow mark (half the deep one)",
+        obs(2.0, devices=4, can_scale_in=True, queue_depth=4),
+        {"deep_queue": 8},
+        {},
+        "scale_in",
+    ),
+    (
+        "surplus, but the queue is between the marks: the devices stay",
+        obs(2.0, devices=4, can_scale_in=True, queue_depth=5),
+        {"deep_queue": 8},
+        {},
+        "batch_fallback",
+    ),
+    (
+        "an explicit shallow mark",
+        obs(2.0, devices=4, can_scale_in=True, queue_depth=5),
+        {"deep_queue": 8, "shallow_queue": 6},
+        {},
+        "scale_in",
+    ),
+    (
         "surplus, but at the minimum",
         obs(2.0, devices=2, can_scale_in=True),
         {"min_devices": 2},
@@ -388,3 +409,8 @@ def test_targets_fill_a_configured_base():
     assert (cfg.batch_strategy, cfg.deep_queue) == ("latency", 32)
     assert cfg.phases[0].tokens_per_ms == pytest.approx(plan.phases[0].tokens_per_ms)
     assert cfg.current_phase()[1].name == "phase 2"
+
+
+def test_a_shallow_mark_at_or_above_the_deep_one_is_refused():
+    with pytest.raises(ValueError, match="shallow_queue"):
+        config(deep_queue=4, shallow_queue=4)
