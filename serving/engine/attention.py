@@ -4,8 +4,9 @@ Shape legend:
   T  tokens in the step     D  decode rows (the first D tokens)     n  a span's tokens
   L  keys attended to       H  query heads     G  key/value heads     Dh  head size
 
-The decode rows attend together: their keys are gathered from the cache by slot, [D, G, L, Dh],
-up to the longest row, with a mask only when rows sit at different positions or the sliding
+The decode rows attend together: their keys are gathered from the cache by slot, [D, G, L, Dh]
+(a view when their slots are consecutive, as the scheduler's packing often makes them), up to the
+longest row, with a mask only when rows sit at different positions or the sliding
 window cuts (a mask takes SDPA off its fastest path). Each prompt chunk attends alone, to its own
 slot's keys (a view, no copy), causally from its start.
 """
@@ -60,7 +61,8 @@ def attend(
 def _decode(layer: int, q: torch.Tensor, batch: StepBatch, cache: KVCache, window: int | None):
     """The decode rows: q [D, H, Dh] -> [D, H, Dh]."""
     length = batch.decode_keys
-    k, v = cache.read_rows(layer, batch.slots[: batch.decodes], length)  # [D, G, L, Dh]
+    slots = batch.slots[: batch.decodes]
+    k, v = cache.read_rows(layer, slots, length, batch.decode_first_slot)  # [D, G, L, Dh]
     mask = None
     if batch.decode_ragged or (window is not None and length > window):
         keys = torch.arange(length, device=q.device)

@@ -44,10 +44,13 @@ class KVCache:
         self.k[layer][slots, :, positions] = k
         self.v[layer][slots, :, positions] = v
 
-    def read_rows(self, layer: int, slots: torch.Tensor, length: int):
-        """Keys and values [B, G, L, Dh] of the first `length` positions of each slot (a copy;
-        index_select measured ~40% faster than advanced indexing for it)."""
+    def read_rows(self, layer: int, slots: torch.Tensor, length: int, first: int | None = None):
+        """Keys and values [B, G, L, Dh] of the first `length` positions of each slot. With
+        `first` (the slots are first, first+1, ...: the caller knows it without a device sync) a
+        view; else a copy (index_select measured ~40% faster than advanced indexing for it)."""
         k, v = self.k[layer, :, :, :length], self.v[layer, :, :, :length]
+        if first is not None:
+            return k[first : first + len(slots)], v[first : first + len(slots)]
         return k.index_select(0, slots), v.index_select(0, slots)
 
     def read_slot(self, layer: int, slot: int, length: int):

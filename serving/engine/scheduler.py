@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import logging
 import time
@@ -65,7 +66,10 @@ class Scheduler:
         self.max_len = min(config.max_seq_len, model.config.max_position_embeddings)
         self.cache_slots = config.cache_slots or config.max_batch_slots
         self.cache = model.new_cache(self.cache_slots, self.max_len)
-        self.free_slots = deque(range(self.cache_slots))
+        # A heap: the lowest free slot first, so running sequences stay packed at the front of
+        # the cache and their decode rows, in slot order, often read one contiguous block of it
+        # (serving/engine/kv_cache.py read_rows: a view instead of a gather).
+        self.free_slots = list(range(self.cache_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.decode = decode
@@ -271,12 +275,12 @@ class Scheduler:
                 seq.done = True
         for seq in [s for s in self.running if s.done]:
             self.running.remove(seq)
-            self.free_slots.append(seq.slot)
+            heapq.heappush(self.free_slots, seq.slot)
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
 
     def _plan(self) -> StepPlan:
         """Decodes first (one token each), then prefill chunks within the remaining budget."""
-        decodes = [s for s in self.running if not s.prefilling]
+        decodes = sorted((s for s in self.running if not s.prefilling), key=lambda s: s.slot)
         budget = self.config.step_token_budget - len(decodes)
         prefills = []
         for seq in [s for s in self.running if s.prefilling]:
@@ -289,7 +293,7 @@ class Scheduler:
             budget > 0 and self.waiting and self.free_slots and len(self.running) < self.slot_limit
         ):
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.popleft()
+            seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)
             n = min(budget, len(seq.prompt))
             prefills.append((seq, n))

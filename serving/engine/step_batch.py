@@ -39,10 +39,20 @@ class StepBatch:
     decode_ragged: bool  # the decode rows sit at different positions (their keys need a mask)
     spans: tuple[Span, ...]
     logit_rows: torch.Tensor
+    # The decode rows' slots are decode_first_slot, +1, +2, ...: their keys are one block of the
+    # cache, read as a view (None: they are not, a gather).
+    decode_first_slot: int | None = None
 
     @property
     def tokens(self) -> int:
         return int(self.ids.numel())
+
+
+def consecutive_from(slots: Sequence[int]) -> int | None:
+    """The first slot when `slots` are first, first+1, ... (and not empty), else None."""
+    if not slots or list(slots) != list(range(slots[0], slots[0] + len(slots))):
+        return None
+    return slots[0]
 
 
 def step_batch(
@@ -78,6 +88,7 @@ def step_batch(
         decode_ragged=len(set(decode_positions)) > 1,
         spans=tuple(spans),
         logit_rows=tensor(logit_rows),
+        decode_first_slot=consecutive_from(slots[: len(decodes)]),
     )
 
 
@@ -119,14 +130,15 @@ def halves(batch: StepBatch) -> tuple[Half, Half]:
         spans[i].append(span)
         sizes[i] += span.length
     wanted = {row: j for j, row in enumerate(batch.logit_rows.tolist())}
-    positions = batch.positions.tolist()
+    host = batch.positions.tolist(), batch.slots.tolist()
     return tuple(
-        _half(batch, [t for r in parts[i] for t in r], spans[i], wanted, positions) for i in (0, 1)
+        _half(batch, [t for r in parts[i] for t in r], spans[i], wanted, host) for i in (0, 1)
     )
 
 
 def _half(batch: StepBatch, tokens: list[int], spans: list[Span], wanted: dict,
-          positions: list[int]) -> Half:  # fmt: skip
+          host: tuple[list[int], list[int]]) -> Half:  # fmt: skip
+    positions, slots = host
     decodes = sum(1 for t in tokens if t < batch.decodes)
     local = {t: i for i, t in enumerate(tokens)}
     first, rebased = decodes, []
@@ -146,5 +158,6 @@ def _half(batch: StepBatch, tokens: list[int], spans: list[Span], wanted: dict,
         decode_ragged=len(set(decode_positions)) > 1,
         spans=tuple(rebased),
         logit_rows=torch.tensor([i for _, i in logits], dtype=torch.long, device=device),
+        decode_first_slot=consecutive_from([slots[t] for t in tokens[:decodes]]),
     )
     return Half(sub, torch.tensor([j for j, _ in logits], dtype=torch.long, device=device))

@@ -328,3 +328,27 @@ def test_a_batch_wait_holds_a_step_for_company_and_an_arrival_ends_it(model):
     assert waited >= 3 * 0.3
     assert joined < 5.0 and rest[-1].finish_reason == "length"
     assert s.max_step_batch == 2  # the arrival ran in the held step
+
+
+def test_a_freed_slot_goes_to_the_next_request_lowest_first(model):
+    """Slots are taken lowest first, so running sequences stay packed at the front of the cache
+    and their decode rows read one block of it (a view, not a gather)."""
+
+    async def main():
+        s = Scheduler(
+            model, SchedulerConfig(max_batch_slots=3, cache_slots=4, step_token_budget=64)
+        )
+        p = prompts(1)[0]
+        seqs = [s.submit(p, SamplingParams(max_tokens=400)) for _ in range(3)]
+        streams = [s.stream(q) for q in seqs]
+        for stream in streams:
+            await anext(stream)
+        await streams[0].aclose()  # slot 0 frees; slot 3 was never used
+        nxt = s.submit(p, SamplingParams(max_tokens=2))
+        await collect(s, nxt)
+        for stream in streams[1:]:
+            await stream.aclose()
+        return [q.slot for q in seqs], nxt.slot
+
+    slots, next_slot = run(main())
+    assert slots == [0, 1, 2] and next_slot == 0

@@ -50,3 +50,26 @@ def test_two_micro_batches_give_the_same_logits(hf_checkpoint):
     assert split.shape == whole.shape == (4, vocab)
     assert (split - whole).abs().max().item() < 1e-5
     assert torch.equal(caches[0].k, caches[1].k) or (caches[0].k - caches[1].k).abs().max() < 1e-6
+
+
+def test_consecutive_decode_slots_read_as_a_view_give_the_same_logits(hf_checkpoint):
+    from dataclasses import replace
+
+    from serving.engine.step_batch import consecutive_from, halves
+
+    assert consecutive_from([2, 3, 4]) == 2 and consecutive_from([5]) == 5
+    assert consecutive_from([3, 2]) is None and consecutive_from([0, 2]) is None
+    assert consecutive_from([]) is None
+    model = load_model(hf_checkpoint)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+               for n in (9, 14, 11)]  # fmt: skip
+    cache = model.new_cache(4, 32)
+    for slot, prompt in enumerate(prompts, start=1):
+        model(torch.tensor([prompt]), cache=cache, slots=torch.tensor([slot]))
+    batch = step_batch([(p[-1], slot, len(p) - 1) for slot, p in enumerate(prompts, start=1)], [])
+    assert batch.decode_first_slot == 1  # slots 1, 2, 3
+    view = model.step(batch, cache)
+    gathered = model.step(replace(batch, decode_first_slot=None), cache)
+    assert (view - gathered).abs().max().item() < 1e-6
+    assert [h.batch.decode_first_slot for h in halves(batch)] == [1, 3]
