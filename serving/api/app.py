@@ -190,6 +190,7 @@ class Engine:
             # Which Ray node each ExpertShard runs on (shard order); empty without shards.
             "shard_nodes": list(self.pool.nodes) if self.pool is not None else [],
             "engine_node": ray.get_runtime_context().get_node_id(),
+            "expert_transport": self.pool.transport_in_use if self.pool is not None else None,
         }
 
     async def expert_shards(self) -> list:

@@ -92,6 +92,8 @@ def render(report: StatusReport, now: float | None = None) -> str:
     if report.shard_nodes:
         nodes = ", ".join(f"{i}:{n[:8]}" for i, n in enumerate(report.shard_nodes))
         lines.append(f"shard nodes           {nodes} ({len(set(report.shard_nodes))} nodes)")
+    if report.expert_transport:
+        lines.append(f"expert transport      {report.expert_transport}")
     if report.last_decision is not None:
         d = report.last_decision
         lines.append(f"last decision         {d.action}: {d.reason}")

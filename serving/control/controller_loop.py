@@ -94,6 +94,9 @@ class StatusReport(Frozen):
     # The Ray node id of each ExpertShard, in shard order (empty without shards).
     shard_nodes: list[str] = []
     engine_node: str | None = None  # the Ray node of the engine replica that answered
+    # How layers reach the shards now: "compiled" (the compiled graph), "plain" (actor calls: a
+    # shard being replaced, or the graph released while idle); None without shards.
+    expert_transport: str | None = None
     batch_strategy: str | None = None
     fallback_level: int = 0
     last_decision: ActionRecord | None = None  # hold included

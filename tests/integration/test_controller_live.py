@@ -125,8 +125,10 @@ def test_status_command_prints_the_live_report(live, capsys):
     assert main(["status", "--url", url, "--api-key", KEY, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["phase"] and report["devices"] >= 1 and report["last_decision"]
+    assert report["expert_transport"] in ("compiled", "plain")  # the app has 2 shards
     assert main(["status", "--url", url, "--api-key", KEY]) == 0
-    assert "tokens/ms per device" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tokens/ms per device" in out and "expert transport" in out
     # Same auth as the /v1 routes.
     code, _, body = http("GET", f"{url}/v1/moe/status", key=None)
     assert code == 401 and body["error"]["code"] == "invalid_api_key"

@@ -34,9 +34,14 @@ def test_serve_yaml_carries_both_and_an_empty_resource_is_refused():
         config_from_args({"engine_resource": ""})
 
 
-def test_the_status_names_each_shards_node():
-    report = StatusReport(shard_nodes=["a1b2c3d4e5", "f6a7b8c9d0"], engine_node="e0")
-    assert "shard nodes           0:a1b2c3d4, 1:f6a7b8c9 (2 nodes)" in render(report, now=0.0)
+def test_the_status_names_each_shards_node_and_the_transport():
+    report = StatusReport(
+        shard_nodes=["a1b2c3d4e5", "f6a7b8c9d0"], engine_node="e0", expert_transport="plain"
+    )
+    text = render(report, now=0.0)
+    assert "shard nodes           0:a1b2c3d4, 1:f6a7b8c9 (2 nodes)" in text
+    assert "expert transport      plain" in text
+    assert "expert transport" not in render(StatusReport(), now=0.0)  # no shards
 
 
 def test_the_engine_beside_cpu_shards_lets_its_idle_threads_sleep(monkeypatch):
