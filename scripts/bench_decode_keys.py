@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_peer  # noqa: E402
+from bench_fanout import phase  # noqa: E402
 
 from serving import load_model  # noqa: E402
 from serving.engine.step_batch import step_batch  # noqa: E402
@@ -38,15 +37,9 @@ def step_ms(model, batch: int, context: int, rounds: int) -> dict:
     view = step_batch([(int(ids[b, -1]), b, context) for b in range(batch)], [])
     assert view.decode_first_slot == 0
     ways = {"view": view, "gathered": replace(view, decode_first_slot=None)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for round_ in range(rounds + 3):  # 3 to warm up
-        for name, b in ways.items():
-            start = time.perf_counter()
-            model.step(b, cache)
-            if round_ >= 3:
-                times[name].append(time.perf_counter() - start)
-    ms = {f"{name}_ms": round(statistics.median(v) * 1e3, 2) for name, v in times.items()}
-    return ms | {"gathered_over_view": round(ms["gathered_ms"] / ms["view_ms"], 3)}
+    ms = phase({name: (lambda b=b: model.step(b, cache)) for name, b in ways.items()}, rounds, 3)
+    out = {f"{name}_ms": round(v, 2) for name, v in ms.items()}
+    return out | {"gathered_over_view": round(out["gathered_ms"] / out["view_ms"], 3)}
 
 
 def main() -> None:

@@ -74,10 +74,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def phase(ways: dict, rounds: int) -> dict:
-    """Median ms of each fn in `ways` (name -> fn), warmed first, rounds interleaved."""
-    for fn in ways.values():
-        fn()
+def phase(ways: dict, rounds: int, warm: int = 1) -> dict:
+    """Median ms of each fn in `ways` (name -> fn), after `warm` untimed rounds, rounds
+    interleaved."""
+    for _ in range(warm):
+        for fn in ways.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(rounds):
         for name, fn in ways.items():
