@@ -23,7 +23,7 @@ def test_it_builds_here():
     assert cpu_kernels.available()
 
 
-@pytest.mark.parametrize(("n", "k"), [(3072, 512), (530, 96), (7, 33), (48, 1)])
+@pytest.mark.parametrize(("n", "k"), [(3072, 512), (530, 96), (530, 300), (7, 33), (48, 1)])
 @pytest.mark.parametrize("rows", [0, 1, 3, 7, 8, 9, 16, 65])
 def test_packed_gemm_equals_torch(n, k, rows):
     g = torch.Generator().manual_seed(n + k + rows)
