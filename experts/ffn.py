@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from experts import cpu_kernels
 from experts.gemm import Linear, linear
 
 
@@ -137,12 +138,8 @@ def _grouped_mm_swiglu(
 
 
 def _packed_swiglu(x: torch.Tensor, counts: torch.Tensor, packed: list) -> torch.Tensor:
-    """One packed GEMM per projection per expert with rows (experts/cpu_kernels.py)."""
-    out = torch.empty_like(x)
-    start = 0
-    for (w13, w2), n in zip(packed, counts.tolist(), strict=True):
-        if n:
-            gate, up = w13(x[start : start + n]).chunk(2, dim=-1)  # [n, F] each
-            out[start : start + n] = w2(F.silu(gate) * up)
-        start += n
-    return out
+    """Every expert in one call of the packed CPU kernel (experts/cpu_kernels.py): a decode
+    step's experts see a few rows each, where a dozen operators per expert from Python cost as
+    much as a GEMM."""
+    w13, w2 = [p[0].packed for p in packed], [p[1].packed for p in packed]
+    return cpu_kernels.swiglu(x, counts.tolist(), w13, w2, packed[0][1].in_features)

@@ -43,3 +43,33 @@ def test_linear_packs_fp32_cpu_weights_only():
     x = torch.randn(2, 5, 32)  # any leading shape
     assert torch.allclose(layer(x), F.linear(x, w), atol=1e-5)
     assert Linear(w.bfloat16()).packed is None  # bfloat16: torch's GEMM
+
+
+def test_fused_experts_equal_one_expert_at_a_time():
+    # Every expert of a layer in one call (experts without rows among them) against torch's
+    # SwiGLU per expert; counts that do not add up to the rows are refused, not read past.
+    from experts.ffn import ExpertWeights, expert_forward
+
+    g = torch.Generator().manual_seed(0)
+    d, f, counts = 96, 200, [3, 0, 9, 1, 0, 17]
+    experts = [
+        (torch.randn(f, d, generator=g), torch.randn(f, d, generator=g),
+         torch.randn(d, f, generator=g))
+        for _ in counts
+    ]  # fmt: skip
+    x = torch.randn(sum(counts), d, generator=g)
+    packed = ExpertWeights.stack(experts).packed_for_cpu().packed
+    w13, w2 = [p[0].packed for p in packed], [p[1].packed for p in packed]
+    got = cpu_kernels.swiglu(x, counts, w13, w2, f)
+    rows = x.split(counts)
+    want = torch.cat(
+        [
+            expert_forward(r, torch.cat([a, b]), c)
+            for r, (a, b, c) in zip(rows, experts, strict=True)
+        ]
+    )
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="counts"):
+        cpu_kernels.swiglu(x, [*counts[:-1], 18], w13, w2, f)
+    with pytest.raises(RuntimeError, match="counts"):
+        cpu_kernels.swiglu(x, [*counts[:-1], 16], w13, w2, f)
