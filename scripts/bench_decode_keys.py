@@ -7,7 +7,9 @@ Loads the engine-speed checkpoint (scripts/bench_peer.py writes it) in process o
 engine's setting on 2 cores), fills `--batch` cache slots with prompts of each context length,
 then times decode steps whose rows sit in consecutive slots, as the scheduler packs them: read as
 a view of the cache, and gathered by slot as rows in scattered slots must be (the same step with
-`decode_first_slot` cleared), in interleaved rounds. Prints one JSON object: median ms per step.
+`decode_first_slot` cleared), in interleaved rounds; and what the scheduler pays once to keep
+them consecutive when a sequence finishes below others (`move_ms`: one sequence's keys and values
+copied down into the hole, every layer). Prints one JSON object: median ms.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def step_ms(model, batch: int, context: int, rounds: int) -> dict:
     assert view.decode_first_slot == 0
     ways = {"view": view, "gathered": replace(view, decode_first_slot=None)}
     ms = phase({name: (lambda b=b: model.step(b, cache)) for name, b in ways.items()}, rounds, 3)
+    ms |= phase({"move": lambda: cache.move(batch - 1, 0, context)}, rounds, 3)
     out = {f"{name}_ms": round(v, 2) for name, v in ms.items()}
     return out | {"gathered_over_view": round(out["gathered_ms"] / out["view_ms"], 3)}
 

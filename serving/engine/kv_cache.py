@@ -57,3 +57,8 @@ class KVCache:
         """Keys and values [1, G, L, Dh] of one slot's first `length` positions (a view)."""
         k = self.k[layer, slot : slot + 1, :, :length]
         return k, self.v[layer, slot : slot + 1, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot src's first `length` positions to slot dst, every layer (src is then free)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]

@@ -67,8 +67,8 @@ class Scheduler:
         self.cache_slots = config.cache_slots or config.max_batch_slots
         self.cache = model.new_cache(self.cache_slots, self.max_len)
         # A heap: the lowest free slot first, so running sequences stay packed at the front of
-        # the cache and their decode rows, in slot order, often read one contiguous block of it
-        # (serving/engine/kv_cache.py read_rows: a view instead of a gather).
+        # the cache (holes left by finished ones are closed: _compact) and their decode rows, in
+        # slot order, read one contiguous block of it (kv_cache.py read_rows: a view, no gather).
         self.free_slots = list(range(self.cache_slots))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -88,6 +88,7 @@ class Scheduler:
         self.step_tokens: deque[int] = deque(maxlen=4096)  # prefill + decode tokens per step
         self.max_step_batch = 0
         self.steps = 0
+        self.slot_moves = 0  # sequences moved down into a hole (_compact)
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -211,6 +212,7 @@ class Scheduler:
     async def run_forever(self) -> None:
         while True:
             self._reap()
+            self._compact()
             await self._wait_for_company()
             plan = self._plan()
             if not plan.decodes and not plan.prefills:
@@ -277,6 +279,23 @@ class Scheduler:
             self.running.remove(seq)
             heapq.heappush(self.free_slots, seq.slot)
         self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
+    def _compact(self) -> None:
+        """Close the holes finished sequences left below running ones, when no waiting request
+        will take them: the highest slot's sequence moves down into the lowest hole (its keys and
+        values copied once). Decode rows then keep reading one block of the cache, a view,
+        instead of a gather per layer and step that grows with the context (BENCHMARKS.md)."""
+        if self.waiting:
+            return  # arrivals take the lowest free slots at the next step: no copy needed
+        while self.free_slots and self.running:
+            top = max(self.running, key=lambda seq: seq.slot)
+            if top.slot < self.free_slots[0]:
+                return
+            hole = heapq.heappop(self.free_slots)
+            self.cache.move(top.slot, hole, top.cached)
+            heapq.heappush(self.free_slots, top.slot)
+            top.slot = hole
+            self.slot_moves += 1
 
     def _plan(self) -> StepPlan:
         """Decodes first (one token each), then prefill chunks within the remaining budget."""

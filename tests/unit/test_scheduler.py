@@ -332,7 +332,9 @@ def test_a_batch_wait_holds_a_step_for_company_and_an_arrival_ends_it(model):
 
 def test_a_freed_slot_goes_to_the_next_request_lowest_first(model):
     """Slots are taken lowest first, so running sequences stay packed at the front of the cache
-    and their decode rows read one block of it (a view, not a gather)."""
+    and their decode rows read one block of it (a view, not a gather): the new request takes
+    the freed slot 0, or (when the hole was closed before it arrived) the slot the moved
+    sequence left; never slot 3."""
 
     async def main():
         s = Scheduler(
@@ -345,10 +347,44 @@ def test_a_freed_slot_goes_to_the_next_request_lowest_first(model):
             await anext(stream)
         await streams[0].aclose()  # slot 0 frees; slot 3 was never used
         nxt = s.submit(p, SamplingParams(max_tokens=2))
-        await collect(s, nxt)
-        for stream in streams[1:]:
+        nxt_stream = s.stream(nxt)
+        await anext(nxt_stream)  # all three running now
+        in_use = {seqs[1].slot, seqs[2].slot, nxt.slot}
+        for stream in [*streams[1:], nxt_stream]:
             await stream.aclose()
-        return [q.slot for q in seqs], nxt.slot
+        return [q.slot for q in seqs], in_use
 
-    slots, next_slot = run(main())
-    assert slots == [0, 1, 2] and next_slot == 0
+    slots, in_use = run(main())
+    assert slots[0] == 0 and in_use == {0, 1, 2}
+
+
+def test_a_hole_a_finished_sequence_leaves_closes_and_outputs_stay_exact(model, monkeypatch):
+    """Nobody waiting: the highest slot's sequence moves down into the hole a finished one
+    left, so the decode rows read one block of the cache again (a view, not a gather), and every
+    token still equals the reference."""
+    from serving.engine import scheduler as scheduler_module
+
+    batches = []
+    build = scheduler_module.step_batch
+
+    def recording(*args, **kwargs):
+        batch = build(*args, **kwargs)
+        batches.append((batch.decodes, batch.decode_first_slot))
+        return batch
+
+    monkeypatch.setattr(scheduler_module, "step_batch", recording)
+    ps = prompts(3, seed=2)
+    params = [SamplingParams(max_tokens=n) for n in (12, 3, 12)]
+
+    async def main():
+        s = Scheduler(model, SchedulerConfig(max_batch_slots=3, step_token_budget=64))
+        seqs = [s.submit(p, q) for p, q in zip(ps, params, strict=True)]
+        outs = await asyncio.gather(*(collect(s, q) for q in seqs))
+        return s, seqs, outs
+
+    s, seqs, outs = run(main())
+    for p, q, events in zip(ps, params, outs, strict=True):
+        assert [e.token for e in events] == list(generate(model, p, q))
+    assert s.slot_moves == 1 and [q.slot for q in seqs] == [0, 1, 1]
+    after = [first for rows, first in batches if rows == 2]  # once the middle one finished
+    assert after and all(first == 0 for first in after), batches
