@@ -184,11 +184,20 @@ torch::Tensor swiglu(torch::Tensor x, std::vector<int64_t> counts, std::vector<t
   return out;
 }
 
+// How many threads at::parallel_for gives n items here (a check of the build: compiled without
+// OpenMP it silently runs everything on one).
+int64_t threads_used(int64_t n) {
+  std::vector<char> seen(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 // Registered as torch operators (torch.ops.moe_serve.*): the profiler then names them.
 TORCH_LIBRARY(moe_serve, m) {
   m.def("pack(Tensor w) -> Tensor", &pack);
   m.def("unpack(Tensor p, int n) -> Tensor", &unpack);
   m.def("mm(Tensor x, Tensor p, int n) -> Tensor", &mm);
+  m.def("threads_used(int n) -> int", &threads_used);
   m.def("swiglu(Tensor x, int[] counts, Tensor[] w13, Tensor[] w2, int f) -> Tensor", &swiglu);
 }
 """
@@ -206,7 +215,12 @@ def _module():
         _ninja_on_path()
 
         flags = ["-O3", "-mavx512f", "-mfma"] if isa == "avx512" else ["-O3", "-mavx2", "-mfma"]
-        load_inline(f"moe_serve_cpu_gemm_{isa}", cpp_sources=_SOURCE, extra_cflags=flags,
+        # at::parallel_for is OpenMP in torch's CPU builds, inlined from its header: without
+        # -fopenmp here its pragma is dropped and every call runs on one thread, whatever
+        # torch.set_num_threads says.
+        parallel = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+        load_inline(f"moe_serve_cpu_gemm_{isa}", cpp_sources=_SOURCE,
+                    extra_cflags=flags + parallel, extra_ldflags=parallel,
                     is_python_module=False, verbose=False)  # fmt: skip
         return torch.ops.moe_serve
     except Exception as exc:  # no compiler or headers: torch's GEMM serves instead
@@ -253,6 +267,11 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 def mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """x [M, K] float32 -> x @ w.T [M, N] for the weight w [N, K] packed in `packed`."""
     return _module().mm(x, packed, n)
+
+
+def threads_used(n: int) -> int:
+    """How many of torch's threads the kernel's parallel loop uses for n blocks."""
+    return _module().threads_used(n)
 
 
 def swiglu(

@@ -23,6 +23,17 @@ def test_it_builds_here():
     assert cpu_kernels.available()
 
 
+def test_it_runs_on_torch_threads():
+    # Built without OpenMP, the kernel's parallel loop would run on one thread whatever
+    # torch.set_num_threads says: a CPU engine or shard given many cores would use one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cpu_kernels.threads_used(64) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(("n", "k"), [(3072, 512), (530, 96), (530, 300), (7, 33), (48, 1)])
 @pytest.mark.parametrize("rows", [0, 1, 3, 7, 8, 9, 16, 65])
 def test_packed_gemm_equals_torch(n, k, rows):
