@@ -276,3 +276,49 @@ def test_an_idle_graph_is_released_and_compiled_again(ray_session, demo_path, re
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
         model.close()
+
+
+def test_shared_memory_channels_serve_exactly_and_idle_shards_use_no_cpu(
+    ray_session, demo_path, reference
+):
+    """transport="shm": the shards on this node answer over shared memory and a pipe, blocking
+    while they wait (a compiled graph's readers poll, a core each: the test above)."""
+    import ray
+
+    model = load_model(demo_path, expert_shards=2, redundant_experts=4, transport="shm")
+    pool = model.pool
+    try:
+        assert pool.transport_in_use == "shm", pool.events
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
+        assert pool.transport_in_use == "shm"  # it served through the channels
+        pids = ray.get([a.pid.remote() for a in pool.shards], timeout=30)
+        idle = cpu_seconds(pids, 1.5)
+        print(f"shards' CPU seconds in 1.5 s, idle on channels: {idle:.2f}")
+        assert idle < 0.3, idle
+    finally:
+        model.close()
+
+
+def test_shared_memory_channels_survive_a_killed_shard_and_a_resize(
+    ray_session, demo_path, reference
+):
+    model = load_model(
+        demo_path, expert_shards=2, redundant_experts=8, call_timeout_s=10, transport="shm"
+    )
+    pool = model.pool
+    try:
+        os.kill(_shard_pid(pool, 0), signal.SIGKILL)
+        began = time.monotonic()
+        outputs = [model(IDS) for _ in range(3)]  # every pass completes, correct
+        assert time.monotonic() - began < 10  # the dead end is seen at once, not timed out
+        assert all((o - reference).abs().max().item() < 1e-5 for o in outputs)
+        wait_until(lambda: pool.transport_in_use == "shm" and "shard 0 replaced" in pool.events,
+                   60, lambda: f"replaced, channels again: {pool.events}")  # fmt: skip
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
+        pool.add_shard(wait=True)
+        model(IDS)  # the switch happens at a step's start
+        assert pool.num_shards == 3
+        wait_until(lambda: pool.transport_in_use == "shm", 30, lambda: f"shm: {pool.events}")
+        assert (model(IDS) - reference).abs().max().item() < 1e-5
+    finally:
+        model.close()
