@@ -22,7 +22,6 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayError
 
-from experts import shm_channel
 from experts.pool import ExpertUnavailableError
 from experts.shard import from_numpy, to_numpy
 from router.placement import Placement, live_slots
@@ -89,9 +88,6 @@ class Fanout:
         self.compiled_max_bytes = compiled_max_bytes
         self.on_failure = on_failure
         self.graph: CompiledGraph | None = None  # the compiled fan-out, when live
-        # Same-node shared-memory channels, one per shard in shard order, when live: they take
-        # precedence over the graph (experts/shm_channel.py).
-        self.channels: list[shm_channel.EngineEnd] | None = None
         self.lock = threading.Lock()  # guards `graph` between the forward thread and the pool
         self.events = events  # the pool's event log: what happened, newest last
 
@@ -102,27 +98,13 @@ class Fanout:
         if old is not None and old is not graph:
             old.teardown()
 
-    def set_channels(self, channels: list[shm_channel.EngineEnd] | None) -> None:
-        """Put channels in (None: the graph or plain calls from now on); old ones are closed."""
-        with self.lock:
-            old, self.channels = self.channels, channels
-        if old is not None and old is not channels:
-            for channel in old:
-                channel.close()
-
     def start(self, actors: list, dead: set[int], version: int, layer: int,
               placement: Placement, x: torch.Tensor, counts: torch.Tensor,
               shard_s: list[float]) -> InFlight:  # fmt: skip
         """Send x [N, D] grouped by slot (counts [P] host rows per slot) to the shards; the
         InFlight's result() is [N, D] and adds each shard's compute seconds to shard_s."""
         job = InFlight(self, actors, dead, version, layer, placement, x, counts, shard_s)
-        if self.channels is not None:
-            job.channels = self._send(job)
-        if (
-            job.channels is None
-            and self.graph is not None
-            and (x.numel() * x.element_size() <= self.compiled_max_bytes)
-        ):
+        if self.graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
             job.refs = self._execute(job)
         if job.refs is None:
             job.calls = self._plain(job)
@@ -142,58 +124,6 @@ class Fanout:
             except Exception as exc:  # a shard died and Ray closed the graph's channels already
                 self._drop(job.graph, exc)
                 return None
-
-    def _send(self, job: InFlight) -> list | None:
-        """Write each shard's rows to its channel: [(shard, channel)] of the shards with rows;
-        None when a layer does not fit or there are no channels any more."""
-        with self.lock:
-            channels = self.channels
-        if channels is None:
-            return None
-        row_bytes = job.x.shape[1] * job.x.element_size()
-        work = [(shard, first, last, start, end)
-                for shard, ((first, last), (start, end)) in enumerate(
-                    zip(job.ranges, job.rows, strict=True)) if end > start]  # fmt: skip
-        if not all(channels[w[0]].fits(w[4] - w[3], w[2] - w[1], row_bytes) for w in work):
-            return None
-        sent = []
-        try:
-            for shard, first, last, start, end in work:
-                channels[shard].send(job.version, job.layer, to_numpy(job.x[start:end]),
-                                     job.counts[first:last].numpy())  # fmt: skip
-                sent.append((shard, channels[shard]))
-        except OSError as exc:  # the shard's end is gone: plain calls find which
-            self._drop_channels(channels, exc)
-            return None
-        return sent
-
-    def _channel_result(self, job: InFlight) -> torch.Tensor | None:
-        """The shards' answers over their channels; None when one failed (the channels are
-        closed, and plain calls recompute the layer and find which shard)."""
-        out = torch.empty_like(job.x)
-        dtype = to_numpy(job.x[:0]).dtype
-        failure = None
-        for shard, channel in job.channels:  # read every answer: the pipes stay in step
-            try:
-                y, seconds = channel.recv(self.call_timeout_s, dtype)
-            except Exception as exc:
-                failure = failure or exc
-                continue
-            start, end = job.rows[shard]
-            out[start:end] = from_numpy(y, self.dtype, job.x.device)
-            job.shard_s[shard] += seconds
-        if failure is not None:
-            self._drop_channels([c for _, c in job.channels], failure)
-            return None
-        return out
-
-    def _drop_channels(self, channels: list, exc: BaseException) -> None:
-        with self.lock:
-            live = self.channels is not None and any(c in self.channels for c in channels)
-        if live:
-            self.set_channels(None)
-            self.events.append(f"shared-memory channels closed: {type(exc).__name__}")
-        log.warning("shared-memory channel failed (%s); serving through plain calls", exc)
 
     def _drop(self, graph: CompiledGraph, exc: BaseException) -> None:
         """Tear down a failed graph (with the lock held), if it is still the live one: plain
@@ -313,15 +243,8 @@ class InFlight:
         ends = [0, *torch.cumsum(counts, 0).tolist()]
         self.rows = [(ends[first], ends[last]) for first, last in self.ranges]  # each shard's
         self.refs, self.graph, self.calls = None, None, None
-        self.channels: list | None = None  # [(shard, channel)] when sent over channels
 
     def result(self) -> torch.Tensor:
-        if self.channels is not None:
-            y = self.fanout._channel_result(self)
-            if y is not None:
-                return y
-            self.calls = self.fanout._plain(self)
-            return self.fanout._plain_result(self)
         if self.refs is not None:
             y = self.fanout._compiled_result(self)
             if y is not None:

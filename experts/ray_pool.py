@@ -35,7 +35,6 @@ import ray
 import torch
 
 from experts import shard as plain_shard
-from experts import shm_channel
 from experts.checkpoint import MixtralConfig
 from experts.fanout import CompiledGraph, Fanout, InFlight
 from experts.idle import IdleRelease
@@ -58,11 +57,10 @@ class ExpertShard(plain_shard.ExpertShard):
         return ray.get_runtime_context().get_node_id()
 
 
-# The one thin Ray wrapper. Four threads: a compiled graph's loop or a shared-memory channel's
-# holds one for as long as it lives (and a channel being replaced a second, briefly), a
-# background `prepare` takes another, and plain `compute` calls still get through.
-RemoteShard = ray.remote(max_concurrency=4)(ExpertShard)
-TRANSPORTS = ("compiled", "plain", "shm")
+# The one thin Ray wrapper. Three threads: a compiled graph's loop holds one for as long as the graph
+# lives, a background `prepare` takes another, and plain `compute` calls still get through.
+RemoteShard = ray.remote(max_concurrency=3)(ExpertShard)
+TRANSPORTS = ("compiled", "plain")
 IDLE_RELEASE_S = 30.0  # no layer for this long: the compiled graph is released (experts/idle.py)
 
 
@@ -135,14 +133,10 @@ class RayExpertPool:
         self._load_all(self.version, self.placements())
         self.nodes = self._nodes_of(self.shards)  # the Ray node of each shard, for operators
         self.idle: IdleRelease | None = None  # releases the compiled graph while unused
-        # Channels to shards on this node, per shard: rows up to compiled_max_bytes.
-        self.channel_bytes = 2 * (compiled_max_bytes + (1 << 16))
         if transport == "compiled":
             self._compile()
             if idle_release_s > 0:
                 self.idle = IdleRelease(idle_release_s, self._release_idle, self._compile)
-        elif transport == "shm":
-            self._open_channels()  # blocking readers: nothing polls while idle
 
     # -- the ExpertPool interface ----------------------------------------------------------------
 
@@ -174,47 +168,6 @@ class RayExpertPool:
                                 shard_s)  # fmt: skip
         return _Timed(job, began, shard_s, self._times if self.timing else None)
 
-    def _connect(self) -> None:
-        """The fast transport over the current actors, as configured (plain: nothing)."""
-        if self.transport == "compiled":
-            self._compile()
-        elif self.transport == "shm":
-            self._open_channels()
-
-    def _open_channels(self) -> None:
-        """A shared-memory channel to every shard (experts/shm_channel.py), when all run on this
-        node; otherwise, or when opening one fails, the compiled graph instead."""
-        actors, here = list(self.shards), ray.get_runtime_context().get_node_id()
-        if not shm_channel.available() or any(node != here for node in self.nodes):
-            self.events.append("shared-memory channels need every shard on this node: compiled")
-            self._compile()
-            return
-        channels: list[shm_channel.EngineEnd] = []
-        try:
-            for actor in actors:
-                channels.append(shm_channel.EngineEnd(self.channel_bytes))
-                served = actor.serve_channel.remote(channels[-1].path)
-                channels[-1].connect(
-                    self.load_timeout_s, alive=lambda r=served: not ray.wait([r], timeout=0)[0]
-                )
-        except Exception as exc:
-            for channel in channels:
-                channel.close()
-            self.events.append(f"shared-memory channels failed: {type(exc).__name__}: compiled")
-            log.warning("opening shared-memory channels failed (%s); compiling instead", exc)
-            self._compile()
-            return
-        with self._lock:
-            current = not self._dead and all(
-                a is b for a, b in zip(actors, self.shards, strict=True)
-            )
-        if not current:
-            for channel in channels:
-                channel.close()
-            return
-        self.fanout.set_channels(channels)
-        self.events.append("shared-memory channels ready")
-
     def _compile(self) -> None:
         """Compile the fan-out over the current actors; any failure leaves plain calls in
         charge. A graph compiled while the shard set changed is dropped."""
@@ -239,10 +192,7 @@ class RayExpertPool:
 
     @property
     def transport_in_use(self) -> str:
-        """ "shm" while shared-memory channels are live, "compiled" while the compiled fan-out
-        is, else "plain"."""
-        if self.fanout.channels is not None:
-            return "shm"
+        """ "compiled" while the compiled fan-out is live, else "plain"."""
         return "compiled" if self.fanout.graph is not None else "plain"
 
     def placements(self) -> list[Placement]:
@@ -279,7 +229,6 @@ class RayExpertPool:
                 return
             self._dead.add(shard)
         self.fanout.set_graph(None)
-        self.fanout.set_channels(None)
         self.events.append(f"shard {shard} failed: {type(exc).__name__}")
         log.warning(
             "expert shard %d failed (%s); serving from other copies, replacing it", shard, exc
@@ -309,8 +258,8 @@ class RayExpertPool:
                     self._dead.discard(shard)
                 self.events.append(f"shard {shard} replaced")
                 log.info("expert shard %d replaced", shard)
-                if not self._dead:
-                    self._connect()
+                if self.transport == "compiled" and not self._dead:
+                    self._compile()
                 return
             except Exception as exc:  # keep trying: a replacement must never stop for good
                 log.warning("replacing expert shard %d failed (%s); retrying", shard, exc)
@@ -390,11 +339,10 @@ class RayExpertPool:
             actor.free.remote(old)  # fire and forget: nothing waits on freeing
         for actor in removed:
             ray.kill(actor)  # drained: no batch can reach it any more
-        if resized:  # the graph and channels name their actors: rebuild over the new set
+        if resized:  # the graph names its actors: rebuild it over the new set
             self.fanout.set_graph(None)
-            self.fanout.set_channels(None)
-            if self.transport != "plain":
-                threading.Thread(target=self._connect, daemon=True).start()
+            if self.transport == "compiled":
+                threading.Thread(target=self._compile, daemon=True).start()
 
     def _release_idle(self) -> bool:
         """Tear the compiled graph down while no layer comes (its actors would poll, a core
@@ -412,7 +360,6 @@ class RayExpertPool:
             graph, self.fanout.graph = self.fanout.graph, None
         if graph is not None:
             graph.teardown(background=False)
-        self.fanout.set_channels(None)
         for actor in self.shards:
             try:
                 ray.kill(actor)

@@ -21,7 +21,6 @@ import warnings
 import numpy as np
 import torch
 
-from experts import shm_channel
 from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertWeights, grouped_swiglu
 
@@ -133,11 +132,6 @@ class ExpertShard:
             torch.cuda.synchronize(y.device)  # the copy back would wait anyway: time the kernels
         seconds = time.perf_counter() - start
         return to_numpy(y), seconds
-
-    def serve_channel(self, path: str) -> None:
-        """Answer `compute` requests over a same-node shared-memory channel until the engine
-        closes it (experts/shm_channel.py); blocks one of the actor's threads meanwhile."""
-        shm_channel.serve(path, self.compute)
 
     def token_counts(self, version: int) -> list[list[int]]:
         """Tokens computed per local slot, per layer, since `version` was prepared."""

@@ -217,11 +217,6 @@ class ServeConfig(BaseModel):
     # the same expert (lossless, the default), `reroute` to the token's next-best expert or
     # `drop` them (both change outputs; counted per layer in GET /v1/moe/status). Shards only.
     overflow: Literal["split", "reroute", "drop"] = "split"
-    # How layers reach the shards: `compiled` (a Ray compiled graph: any node), `shm` (shared
-    # memory and a pipe to shards on the engine's node; its readers block where the graph's
-    # poll, so engine and shards sharing cores leave them to whoever computes; any shard
-    # elsewhere: compiled) or `plain` (an actor call per shard per layer). Shards only.
-    expert_transport: Literal["compiled", "shm", "plain"] = "compiled"
     # Ray Serve's default of 5 silently caps concurrency (ARCHITECTURE.md section 7): set it here.
     max_ongoing_requests: int = Field(256, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -80,7 +80,6 @@ def load_serving_model(config: ServeConfig):
     if config.expert_shards:
         options["call_timeout_s"] = config.expert_call_timeout_s  # RayExpertPool's hang bound
         options |= dict(
-            transport=config.expert_transport,
             overflow=config.overflow,
             shard_cpus=config.shard_cpus,
             shard_gpus=config.shard_gpus,

@@ -71,13 +71,6 @@ def _add_shard_flags(p: argparse.ArgumentParser) -> None:
         "to the next-best expert or drop (both change outputs); with --expert-shards",
     )
     p.add_argument(
-        "--expert-transport",
-        choices=["compiled", "shm", "plain"],
-        help="how layers reach the shards: a Ray compiled graph (default), shared memory and a "
-        "pipe to shards on the engine's node (blocking waits: for shards sharing cores), or an "
-        "actor call per shard",
-    )
-    p.add_argument(
         "--shard-cpus",
         type=float,
         metavar="C",
@@ -123,7 +116,6 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         expert_shards=args.expert_shards,
         redundant_experts=args.redundant_experts,
         overflow=args.overflow,
-        expert_transport=args.expert_transport,
         shard_cpus=args.shard_cpus,
         shard_gpus=args.shard_gpus,
         placement_timeout_s=args.placement_timeout,

@@ -57,14 +57,3 @@ def test_the_engine_beside_cpu_shards_lets_its_idle_threads_sleep(monkeypatch):
     assert engine_env(ServeConfig(expert_shards=2)) == {
         "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE"}}
     }
-
-
-def test_the_expert_transport_comes_from_the_flag_or_serve_yaml():
-    args = build_parser().parse_args(["up", "--expert-shards", "2", "--expert-transport", "shm"])
-    assert resolve_config(args).expert_transport == "shm"
-    assert resolve_config(build_parser().parse_args(["up"])).expert_transport == "compiled"
-    assert load_config(ROOT / "configs" / "serve.yaml").expert_transport == "compiled"
-    with pytest.raises(UserError, match="expert_transport"):
-        config_from_args({"expert_shards": 2, "expert_transport": "nccl"})
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["up", "--expert-transport", "nccl"])
