@@ -119,8 +119,7 @@ def main() -> None:
     def decode() -> None:
         logits = model(ids, cache=cache, start_pos=position[0], slots=torch.arange(b),
                        last_only=True)  # fmt: skip
-        for row in range(b):
-            sample(logits[row, -1][None], greedy, None)
+        sample(logits[:, -1], greedy, None).tolist()  # one argmax for every row, as the engine
         position[0] += 1
 
     chunk = torch.randint(3, vocab, (1, args.chunk))
