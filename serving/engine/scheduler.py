@@ -38,6 +38,7 @@ from serving.engine.sampling import (
     ContextTooLong,
     SamplingParams,
     check_context,
+    most_likely,
     sample,
     token_logprobs,
 )
@@ -332,7 +333,7 @@ class Scheduler:
         chunks = [(seq.prompt[seq.cached : seq.cached + n], seq.slot, seq.cached,
                    seq.cached + n == len(seq.prompt)) for seq, n in plan.prefills]  # fmt: skip
         logits = self.model.step(step_batch(decodes, chunks, self.model.device), self.cache)
-        greedy = logits.argmax(dim=-1).tolist()  # [R]: one pass for every row
+        greedy = most_likely(logits).tolist()  # [R]: one pass for every row
         rows = iter(zip(logits, greedy, strict=True))  # decodes', then finished prompts' rows
         out = [(s, *next(rows)) for s in plan.decodes]
         out += [(seq, *next(rows)) if ends else (seq, None, None)

@@ -11,7 +11,7 @@ import torch
 
 from serving import load_model
 from serving.engine.generate import generate
-from serving.engine.sampling import SamplingParams, sample
+from serving.engine.sampling import SamplingParams, most_likely, sample
 from serving.errors import UserError
 
 from ..conftest import REPO
@@ -59,6 +59,18 @@ def test_greedy_is_deterministic_and_sampling_is_seeded(model):
     first = list(generate(model, [1, 40, 41, 42], hot))
     assert first == list(generate(model, [1, 40, 41, 42], hot))
     assert first != list(generate(model, [1, 40, 41, 42], hot.model_copy(update={"seed": 8})))
+
+
+def test_the_most_likely_token_is_argmaxs_ties_and_nan_included():
+    # The engine's greedy pick (a faster reduction than argmax) must pick what argmax picks:
+    # the first of equal maxima, and a NaN where a row has one.
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 4, (64, 1000), generator=g).float()  # many ties
+    odd = torch.zeros(3, 32000)
+    odd[1, 7] = float("nan")
+    odd[2, 5] = odd[2, 31999] = 1.0
+    for logits in (rows, odd, torch.randn(16, 32000, generator=g)):
+        assert torch.equal(most_likely(logits), logits.argmax(dim=-1))
 
 
 def test_top_p_tiny_is_greedy():
