@@ -119,7 +119,7 @@ def main() -> None:
     def decode() -> None:
         logits = model(ids, cache=cache, start_pos=position[0], slots=torch.arange(b),
                        last_only=True)  # fmt: skip
-        sample(logits[:, -1], greedy, None).tolist()  # one argmax for every row, as the engine
+        sample(logits[:, -1], greedy, None).tolist()  # one greedy pick for every row, as the engine
         position[0] += 1
 
     chunk = torch.randint(3, vocab, (1, args.chunk))
