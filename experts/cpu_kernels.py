@@ -1,18 +1,16 @@
-"""A CPU GEMM for few rows against a weight packed once at load (fp32, AVX-512 or AVX2).
+"""The CPU kernels a step runs in C++ (fp32, AVX-512 or AVX2), built once as one extension:
 
-Shape legend: M rows of x, K inputs, N outputs, NR columns per packed block, NB = ceil(N / NR).
-
-Why: a decode step multiplies a handful of rows by every weight of the model, so the step is
-bound by reading the weights. The BLAS packs (copies) its operands on every call and, for few
-rows, reaches a fraction of the memory bandwidth (scripts/bench_gemm.py, BENCHMARKS.md). Here the
-weight is packed once, at load, into blocks of NR columns laid out k-major, [NB, K, NR], so a call
-streams it exactly once, front to back, while NR-wide vector accumulators for up to MR rows stay
-in registers; rows beyond MR reuse the block from cache, and the next block streams in evenly
-meanwhile.
+- `mm`, `swiglu`: a GEMM for few rows against a weight packed once at load
+  (experts/cpu_gemm_source.py). A decode step multiplies a handful of rows by every weight of
+  the model, so the step is bound by reading the weights; the BLAS packs (copies) its operands on
+  every call and, for few rows, reaches a fraction of the memory bandwidth (scripts/bench_gemm.py,
+  BENCHMARKS.md). Here each weight streams exactly once per call, front to back.
+- `decode_attention`, `first_max`: every decode row's attention over its own live keys in the
+  KV cache, and the greedy pick over the step's logits (experts/cpu_decode_source.py).
 
 The C++ source is compiled on first use with torch's extension builder (g++; about a minute,
 cached per machine and instruction set). Where that cannot happen (no compiler, another CPU
-architecture), `available()` is False and callers keep torch's own GEMM.
+architecture), `available()` is False and callers keep torch's own operators.
 """
 
 from __future__ import annotations
@@ -26,13 +24,17 @@ import sys
 
 import torch
 
+from experts import cpu_decode_source, cpu_gemm_source
+
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
+_VECTORS = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #if defined(__AVX512F__)
   using vec = __m512;
@@ -42,6 +44,15 @@ _SOURCE = r"""
   static inline vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
   static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+  static inline vec vset(float f) { return _mm512_set1_ps(f); }
+  static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+  static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+  static inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
+  static inline vec vfloor(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static inline vec vpow2(vec y, vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
 #else
   using vec = __m256;
   constexpr int W = 8, NR = 24, MR = 4;  // 12 accumulators of 16 registers
@@ -50,142 +61,30 @@ _SOURCE = r"""
   static inline vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
   static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  static inline vec vset(float f) { return _mm256_set1_ps(f); }
+  static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static inline float vsum(vec a) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  static inline float vhmax(vec a) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  static inline vec vfloor(vec a) { return _mm256_floor_ps(a); }
+  static inline vec vpow2(vec y, vec n) {  // y * 2^n for integral n >= -126
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
 #endif
-constexpr int V = NR / W;  // vectors per block row
-constexpr int LINE = 64 / sizeof(float);  // floats per cache line
-// Rows of a block read per pass when the block is reread for more than MR rows: 128 rows of
-// NR floats (24 KiB with AVX-512) stay in the core's first-level cache for the next tile.
-constexpr int64_t KC = 128;
+"""
 
-// R rows of x (stride ldx) times rows k0..k1-1 of one packed block [K, NR] -> y (stride ldy),
-// `cols` kept; `add`: onto what y holds (an earlier pass over k). Meanwhile `lines` cache lines
-// from `ahead` are pulled towards the core, spread evenly over the pass.
-template <int R>
-static void tile(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* y,
-                 int64_t ldy, int64_t cols, bool add, const float* ahead, int64_t lines) {
-  vec acc[R][V];
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float tmp[NR] = {};
-    if (add) std::copy(y + r * ldy, y + r * ldy + cols, tmp);
-    for (int v = 0; v < V; ++v) acc[r][v] = vload(tmp + v * W);
-  }
-  const int64_t n = k1 - k0;
-  int64_t due = 0;  // Bresenham: `lines` prefetches over n iterations
-  for (int64_t k = k0; k < k1; ++k) {
-    for (due += lines; due >= n; due -= n, ahead += LINE)
-      _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T1);
-    vec b[V];
-    for (int v = 0; v < V; ++v) b[v] = vload(w + k * NR + v * W);
-    for (int r = 0; r < R; ++r) {
-      vec a = vbcast(x + r * ldx + k);
-      for (int v = 0; v < V; ++v) acc[r][v] = vfma(a, b[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (cols == NR) {
-      for (int v = 0; v < V; ++v) vstore(y + r * ldy + v * W, acc[r][v]);
-    } else {
-      alignas(64) float tmp[NR];
-      for (int v = 0; v < V; ++v) vstore(tmp + v * W, acc[r][v]);
-      std::copy(tmp, tmp + cols, y + r * ldy);
-    }
-  }
-}
-
-template <int R>
-static void tail(const float* x, int64_t ldx, const float* w, int64_t k0, int64_t k1, float* y,
-                 int64_t ldy, int64_t cols, bool add, const float* ahead, int64_t lines,
-                 int64_t left) {
-  if constexpr (R > 0) {
-    if (left == R) return tile<R>(x, ldx, w, k0, k1, y, ldy, cols, add, ahead, lines);
-    return tail<R - 1>(x, ldx, w, k0, k1, y, ldy, cols, add, ahead, lines, left);
-  }
-}
-
-// All M rows against one block, while the next block streams in. Every pass (a tile of rows
-// over a range of k) prefetches an equal share of the next block: the memory stream then runs
-// through the whole computation instead of in bursts that the tiles rereading this block from
-// cache would wait behind (measured: 15-25% faster at 16-64 rows, scripts/bench_gemm.py).
-// With more than MR rows the block is read in passes of KC rows of k, so that the tiles after
-// the first reread it from the first-level cache.
-static void block_rows(const float* x, int64_t ldx, const float* w, int64_t K, float* y,
-                       int64_t ldy, int64_t M, int64_t cols) {
-  const int64_t tiles = (M + MR - 1) / MR, kc = tiles > 1 ? KC : K;
-  const int64_t passes = tiles * ((K + kc - 1) / kc);
-  const int64_t share = (K * NR / LINE + passes - 1) / passes;  // lines of the next block
-  const float* ahead = w + K * NR;  // prefetching past the last block is harmless
-  for (int64_t k0 = 0; k0 < K; k0 += kc) {
-    const int64_t k1 = std::min(K, k0 + kc);
-    for (int64_t m = 0; m < M; m += MR, ahead += share * LINE) {
-      if (m + MR <= M)
-        tile<MR>(x + m * ldx, ldx, w, k0, k1, y + m * ldy, ldy, cols, k0 > 0, ahead, share);
-      else
-        tail<MR - 1>(x + m * ldx, ldx, w, k0, k1, y + m * ldy, ldy, cols, k0 > 0, ahead, share,
-                     M - m);
-    }
-  }
-}
-
-torch::Tensor pack(torch::Tensor w) {  // [N, K] -> [NB, K, NR], zero-padded columns
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat, "pack: a 2-D float32 weight");
-  int64_t N = w.size(0), K = w.size(1), NB = (N + NR - 1) / NR;
-  auto padded = torch::zeros({NB * NR, K}, w.options());
-  padded.narrow(0, 0, N).copy_(w);
-  return padded.view({NB, NR, K}).transpose(1, 2).contiguous();
-}
-
-torch::Tensor unpack(torch::Tensor p, int64_t N) {  // inverse of pack: [N, K]
-  int64_t NB = p.size(0), K = p.size(1);
-  return p.transpose(1, 2).reshape({NB * NR, K}).narrow(0, 0, N).contiguous();
-}
-
-// y [M, N] (row stride ldy) = x [M, K] @ W.T for the weight packed in p.
-static void mm_into(const torch::Tensor& x, const torch::Tensor& p, int64_t N, float* yp,
-                    int64_t ldy) {
-  int64_t M = x.size(0), K = x.size(1), NB = p.size(0);
-  TORCH_CHECK(p.size(1) == K && p.size(2) == NR, "mm: packed weight does not match x");
-  if (M == 0) return;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = p.data_ptr<float>();
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      block_rows(xp, K, wp + b * K * NR, K, yp + b * NR, ldy, M, std::min<int64_t>(NR, N - b * NR));
-  });
-}
-
-torch::Tensor mm(torch::Tensor x, torch::Tensor p, int64_t N) {  // x [M, K] @ W.T -> [M, N]
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "mm: 2-D float32 rows");
-  x = x.contiguous();
-  auto y = torch::empty({x.size(0), N}, x.options());
-  mm_into(x, p, N, y.data_ptr<float>(), N);
-  return y;
-}
-
-// Every expert of a layer in one call: x [R, D] rows sorted by expert, counts[e] rows each;
-// expert e computes w2 (silu(w1 x) * (w3 x)) with w13 [2F, D] (w1 rows first) and w2 [D, F]
-// packed. One call instead of a dozen operators per expert from Python: [R, D].
-torch::Tensor swiglu(torch::Tensor x, std::vector<int64_t> counts, std::vector<torch::Tensor> w13,
-                     std::vector<torch::Tensor> w2, int64_t F) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "swiglu: 2-D float32 rows");
-  TORCH_CHECK(counts.size() == w13.size() && counts.size() == w2.size(),
-              "swiglu: one count and two weights per expert");
-  x = x.contiguous();
-  const int64_t D = x.size(1);
-  auto out = torch::empty_like(x);
-  int64_t start = 0;
-  for (size_t e = 0; e < counts.size(); start += counts[e], ++e) {
-    if (counts[e] == 0) continue;
-    TORCH_CHECK(start + counts[e] <= x.size(0), "swiglu: counts exceed the rows");
-    auto h = mm(x.narrow(0, start, counts[e]), w13[e], 2 * F);  // [n, 2F]
-    auto a = at::silu(h.narrow(1, 0, F)).mul_(h.narrow(1, F, F));  // [n, F]
-    mm_into(a, w2[e], D, out.data_ptr<float>() + start * D, D);
-  }
-  TORCH_CHECK(start == x.size(0), "swiglu: counts do not add up to the rows");
-  return out;
-}
-
-// How many threads at::parallel_for gives n items here (a check of the build: compiled without
-// OpenMP it silently runs everything on one).
+_REGISTRATION = r"""
 int64_t threads_used(int64_t n) {
   std::vector<char> seen(at::get_num_threads(), 0);
   at::parallel_for(0, n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
@@ -199,6 +98,9 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("mm(Tensor x, Tensor p, int n) -> Tensor", &mm);
   m.def("threads_used(int n) -> int", &threads_used);
   m.def("swiglu(Tensor x, int[] counts, Tensor[] w13, Tensor[] w2, int f) -> Tensor", &swiglu);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor pos, int window, "
+        "float scale) -> Tensor", &decode_attention);
+  m.def("first_max(Tensor x) -> Tensor", &first_max);
 }
 """
 
@@ -219,12 +121,14 @@ def _module():
         # -fopenmp here its pragma is dropped and every call runs on one thread, whatever
         # torch.set_num_threads says.
         parallel = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-        load_inline(f"moe_serve_cpu_gemm_{isa}", cpp_sources=_SOURCE,
+        source = "\n".join((_VECTORS, cpu_gemm_source.SOURCE, cpu_decode_source.SOURCE,
+                             _REGISTRATION))  # fmt: skip
+        load_inline(f"moe_serve_cpu_gemm_{isa}", cpp_sources=source,
                     extra_cflags=flags + parallel, extra_ldflags=parallel,
                     is_python_module=False, verbose=False)  # fmt: skip
         return torch.ops.moe_serve
     except Exception as exc:  # no compiler or headers: torch's GEMM serves instead
-        log.warning("the packed CPU GEMM could not be built (%s); using torch's", exc)
+        log.warning("the CPU kernels could not be built (%s); using torch's operators", exc)
         return None
 
 
@@ -280,3 +184,30 @@ def swiglu(
     """Experts over expert-sorted rows in one call: x [R, D], counts [E] rows per expert, packed
     w13 [2F, D] and w2 [D, F] per expert -> [R, D] (experts/ffn.py has the math)."""
     return _module().swiglu(x, counts, w13, w2, f)
+
+
+def decode_attention_fits(head_dim: int) -> bool:
+    """Whether `decode_attention` takes heads of this size: whole vectors, at most 16 of them."""
+    width = 16 if _isa() == "avx512" else 8
+    return available() and head_dim % width == 0 and head_dim <= 16 * width
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    window: int | None,
+    scale: float,
+) -> torch.Tensor:
+    """Decode rows against their own slots' live keys, in place in the cache: q [D, H, Dh], one
+    layer's k and v [S, G, M, Dh], slots and positions [D] -> [D, H, Dh]; row d attends to keys
+    0..positions[d] of slot slots[d] (the last `window` of them with a sliding window)."""
+    return _module().decode_attention(q, k, v, slots, positions, window or 0, scale)
+
+
+def first_max(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] float32 -> the index of each row's first maximum [B] (int64), as torch's
+    max(dim).indices: a NaN wins at its first place."""
+    return _module().first_max(x)

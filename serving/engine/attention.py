@@ -4,11 +4,14 @@ Shape legend:
   T  tokens in the step     D  decode rows (the first D tokens)     n  a span's tokens
   L  keys attended to       H  query heads     G  key/value heads     Dh  head size
 
-The decode rows attend together: their keys are gathered from the cache by slot, [D, G, L, Dh]
-(a view when their slots are consecutive, as the scheduler's packing often makes them), up to the
-longest row, with a mask only when rows sit at different positions or the sliding
-window cuts (a mask takes SDPA off its fastest path). Each prompt chunk attends alone, to its own
-slot's keys (a view, no copy), causally from its start.
+The decode rows attend together. On a CPU in float32, one C++ call (experts/cpu_kernels.py
+`decode_attention`) reads each row's own live keys in place in the cache, whatever its slot and
+length: no gather, no mask (measured 0.52 -> 0.38 ms a layer for 16 rows of 128 keys from memory,
+BENCHMARKS.md). Elsewhere their keys are gathered from the cache by slot, [D, G, L, Dh] (a view
+when their slots are consecutive, as the scheduler's packing often makes them), up to the longest
+row, with a mask only when rows sit at different positions or the sliding window cuts (a mask
+takes SDPA off its fastest path). Each prompt chunk attends alone, to its own slot's keys (a
+view, no copy), causally from its start.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from experts import cpu_kernels
 from serving.engine.kv_cache import KVCache
 from serving.engine.step_batch import Span, StepBatch
 
@@ -60,6 +64,11 @@ def attend(
 
 def _decode(layer: int, q: torch.Tensor, batch: StepBatch, cache: KVCache, window: int | None):
     """The decode rows: q [D, H, Dh] -> [D, H, Dh]."""
+    if _in_place(q, cache):
+        k, v = cache.k[layer], cache.v[layer]  # [S, G, M, Dh]
+        d = batch.decodes
+        return cpu_kernels.decode_attention(q, k, v, batch.slots[:d], batch.positions[:d], window,
+                                            q.shape[-1] ** -0.5)  # fmt: skip
     length = batch.decode_keys
     slots = batch.slots[: batch.decodes]
     k, v = cache.read_rows(layer, slots, length, batch.decode_first_slot)  # [D, G, L, Dh]
@@ -70,6 +79,17 @@ def _decode(layer: int, q: torch.Tensor, batch: StepBatch, cache: KVCache, windo
         mask = keys <= pos if window is None else (keys <= pos) & (keys > pos - window)
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)
     return out[:, :, 0]  # [D, H, Dh]
+
+
+def _in_place(q: torch.Tensor, cache: KVCache) -> bool:
+    """Whether the C++ decode attention serves: float32 on a CPU that built the kernels, for
+    heads of whole vectors (all Mixtral sizes)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and cache.k.dtype == torch.float32
+        and cpu_kernels.decode_attention_fits(q.shape[-1])
+    )
 
 
 def _span(layer: int, q: torch.Tensor, span: Span, cache: KVCache, window: int | None):

@@ -1,4 +1,4 @@
-"""The packed CPU GEMM (experts/cpu_kernels.py) against torch's, on the shapes serving meets:
+"""The CPU kernels (experts/cpu_kernels.py) against torch: the packed GEMM on the shapes serving meets:
 every row count from 0 up past the register tile, widths that do not fill the last block."""
 
 from __future__ import annotations
@@ -84,3 +84,57 @@ def test_fused_experts_equal_one_expert_at_a_time():
         cpu_kernels.swiglu(x, [*counts[:-1], 18], w13, w2, f)
     with pytest.raises(RuntimeError, match="counts"):
         cpu_kernels.swiglu(x, [*counts[:-1], 16], w13, w2, f)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (32, 8, 128), (4, 4, 32)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_equals_sdpa_row_by_row(heads, kv_heads, head_dim, window):
+    # Rows in scattered slots at different positions (what a mask and a gather served before),
+    # with and without a sliding window, against SDPA over each row's own keys.
+    g = torch.Generator().manual_seed(heads + head_dim)
+    slots_in_cache, capacity, rows = 9, 40, 6
+    k = torch.randn(slots_in_cache, kv_heads, capacity, head_dim, generator=g)
+    v = torch.randn(slots_in_cache, kv_heads, capacity, head_dim, generator=g)
+    q = torch.randn(rows, heads, head_dim, generator=g)
+    slots = torch.tensor([7, 0, 3, 8, 1, 5])
+    positions = torch.tensor([0, 39, 4, 17, 5, 33])
+    got = cpu_kernels.decode_attention(q, k, v, slots, positions, window, head_dim**-0.5)
+    for d in range(rows):
+        end = int(positions[d]) + 1
+        start = max(0, end - window) if window else 0
+        keys, values = (t[slots[d], None, :, start:end] for t in (k, v))  # [1, G, L, Dh]
+        want = F.scaled_dot_product_attention(q[d, None, :, None], keys, values, enable_gqa=True)
+        assert torch.allclose(got[d], want[0, :, 0], atol=1e-5), d
+
+
+def test_decode_attention_refuses_what_it_cannot_read():
+    assert cpu_kernels.decode_attention_fits(64) and not cpu_kernels.decode_attention_fits(20)
+    with pytest.raises(RuntimeError, match="head sizes"):
+        cpu_kernels.decode_attention(
+            torch.zeros(1, 2, 20), *[torch.zeros(2, 1, 8, 20)] * 2, torch.tensor([0]),
+            torch.tensor([1]), None, 0.25,
+        )  # fmt: skip
+    k = v = torch.zeros(2, 1, 8, 16)
+    q = torch.zeros(1, 2, 16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.decode_attention(q, k, v, torch.tensor([0]), torch.tensor([8]), None, 0.25)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.decode_attention(q, k, v, torch.tensor([2]), torch.tensor([1]), None, 0.25)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.decode_attention(
+            q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.tensor([0]), torch.tensor([1]), None, 1
+        )
+
+
+def test_first_max_is_torchs_max_ties_infinities_and_nan_included():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 3, (12, 1003), generator=g).float()  # ties; a width of no whole vector
+    x[1, 500] = x[1, 900] = float("inf")
+    x[2] = float("-inf")
+    x[3, 1001] = float("nan")  # in the tail past the last whole vector
+    x[4, 10] = float("inf")
+    x[4, 20] = float("nan")  # a NaN after the maximum still wins
+    x[5, 40] = x[5, 41] = float("nan")
+    assert torch.equal(cpu_kernels.first_max(x), x.max(dim=-1).indices)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.first_max(x.double())

@@ -66,9 +66,12 @@ def test_the_most_likely_token_is_argmaxs_ties_and_nan_included():
     # the first of equal maxima, and a NaN where a row has one.
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 4, (64, 1000), generator=g).float()  # many ties
-    odd = torch.zeros(3, 32000)
+    odd = torch.zeros(6, 32000)
     odd[1, 7] = float("nan")
     odd[2, 5] = odd[2, 31999] = 1.0
+    odd[3, 9] = odd[3, 11] = float("inf")
+    odd[4] = float("-inf")
+    odd[5, 3], odd[5, 31998] = float("inf"), float("nan")
     for logits in (rows, odd, torch.randn(16, 32000, generator=g)):
         assert torch.equal(most_likely(logits), logits.argmax(dim=-1))
 
