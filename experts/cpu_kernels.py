@@ -140,7 +140,9 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
 
 
+@functools.cache
 def _isa() -> str | None:
+    """The vector instruction set the kernels are built for here (read once: /proc/cpuinfo)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
