@@ -66,13 +66,13 @@ static void tail(const float* x, int64_t ldx, const float* w, int64_t k0, int64_
 // through the whole computation instead of in bursts that the tiles rereading this block from
 // cache would wait behind (measured: 15-25% faster at 16-64 rows, scripts/bench_gemm.py).
 // With more than MR rows the block is read in passes of KC rows of k, so that the tiles after
-// the first reread it from the first-level cache.
+// the first reread it from the first-level cache. `ahead`: what streams next (nullptr: nothing).
 static void block_rows(const float* x, int64_t ldx, const float* w, int64_t K, float* y,
-                       int64_t ldy, int64_t M, int64_t cols) {
+                       int64_t ldy, int64_t M, int64_t cols, const float* ahead) {
   const int64_t tiles = (M + MR - 1) / MR, kc = tiles > 1 ? KC : K;
   const int64_t passes = tiles * ((K + kc - 1) / kc);
-  const int64_t share = (K * NR / LINE + passes - 1) / passes;  // lines of the next block
-  const float* ahead = w + K * NR;  // prefetching past the last block is harmless
+  // Lines of the next block per pass (as many as this block has: a prefetch is only a hint).
+  const int64_t share = ahead ? (K * NR / LINE + passes - 1) / passes : 0;
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t k1 = std::min(K, k0 + kc);
     for (int64_t m = 0; m < M; m += MR, ahead += share * LINE) {
@@ -98,9 +98,11 @@ torch::Tensor unpack(torch::Tensor p, int64_t N) {  // inverse of pack: [N, K]
   return p.transpose(1, 2).reshape({NB * NR, K}).narrow(0, 0, N).contiguous();
 }
 
-// y [M, N] (row stride ldy) = x [M, K] @ W.T for the weight packed in p.
+// y [M, N] (row stride ldy) = x [M, K] @ W.T for the weight packed in p. `next`: the weight
+// the caller streams after this one, whose first block the last block pulls in meanwhile (else
+// each call would begin with a block that nothing fetched ahead).
 static void mm_into(const torch::Tensor& x, const torch::Tensor& p, int64_t N, float* yp,
-                    int64_t ldy) {
+                    int64_t ldy, const float* next = nullptr) {
   int64_t M = x.size(0), K = x.size(1), NB = p.size(0);
   TORCH_CHECK(p.size(1) == K && p.size(2) == NR, "mm: packed weight does not match x");
   if (M == 0) return;
@@ -108,17 +110,21 @@ static void mm_into(const torch::Tensor& x, const torch::Tensor& p, int64_t N, f
   const float* wp = p.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      block_rows(xp, K, wp + b * K * NR, K, yp + b * NR, ldy, M, std::min<int64_t>(NR, N - b * NR));
+      block_rows(xp, K, wp + b * K * NR, K, yp + b * NR, ldy, M, std::min<int64_t>(NR, N - b * NR),
+                 b + 1 < NB ? wp + (b + 1) * K * NR : next);
   });
 }
 
-torch::Tensor mm(torch::Tensor x, torch::Tensor p, int64_t N) {  // x [M, K] @ W.T -> [M, N]
+// x [M, K] @ W.T -> [M, N]
+torch::Tensor mm(torch::Tensor x, torch::Tensor p, int64_t N, const float* next = nullptr) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "mm: 2-D float32 rows");
   x = x.contiguous();
   auto y = torch::empty({x.size(0), N}, x.options());
-  mm_into(x, p, N, y.data_ptr<float>(), N);
+  mm_into(x, p, N, y.data_ptr<float>(), N, next);
   return y;
 }
+
+static torch::Tensor mm_op(torch::Tensor x, torch::Tensor p, int64_t N) { return mm(x, p, N); }
 
 // Every expert of a layer in one call: x [R, D] rows sorted by expert, counts[e] rows each;
 // expert e computes w2 (silu(w1 x) * (w3 x)) with w13 [2F, D] (w1 rows first) and w2 [D, F]
@@ -131,13 +137,17 @@ torch::Tensor swiglu(torch::Tensor x, std::vector<int64_t> counts, std::vector<t
   x = x.contiguous();
   const int64_t D = x.size(1);
   auto out = torch::empty_like(x);
+  auto next_w13 = [&](size_t e) -> const float* {  // the next expert with rows: its w13
+    while (++e < counts.size() && counts[e] == 0) {}
+    return e < counts.size() ? w13[e].data_ptr<float>() : nullptr;
+  };
   int64_t start = 0;
   for (size_t e = 0; e < counts.size(); start += counts[e], ++e) {
     if (counts[e] == 0) continue;
     TORCH_CHECK(start + counts[e] <= x.size(0), "swiglu: counts exceed the rows");
-    auto h = mm(x.narrow(0, start, counts[e]), w13[e], 2 * F);  // [n, 2F]
+    auto h = mm(x.narrow(0, start, counts[e]), w13[e], 2 * F, w2[e].data_ptr<float>());  // [n, 2F]
     auto a = at::silu(h.narrow(1, 0, F)).mul_(h.narrow(1, F, F));  // [n, F]
-    mm_into(a, w2[e], D, out.data_ptr<float>() + start * D, D);
+    mm_into(a, w2[e], D, out.data_ptr<float>() + start * D, D, next_w13(e));
   }
   TORCH_CHECK(start == x.size(0), "swiglu: counts do not add up to the rows");
   return out;

@@ -95,7 +95,7 @@ int64_t threads_used(int64_t n) {
 TORCH_LIBRARY(moe_serve, m) {
   m.def("pack(Tensor w) -> Tensor", &pack);
   m.def("unpack(Tensor p, int n) -> Tensor", &unpack);
-  m.def("mm(Tensor x, Tensor p, int n) -> Tensor", &mm);
+  m.def("mm(Tensor x, Tensor p, int n) -> Tensor", &mm_op);
   m.def("threads_used(int n) -> int", &threads_used);
   m.def("swiglu(Tensor x, int[] counts, Tensor[] w13, Tensor[] w2, int f) -> Tensor", &swiglu);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor pos, int window, "
