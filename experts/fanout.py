@@ -4,11 +4,13 @@ in shard order. The transport only; which actors are live, and replacing them, i
 Shape legend: N sorted pairs, n one shard's rows, P physical slots, s a shard's slots, D hidden.
 
 Slots are numbered shard by shard, so after dispatch each shard's rows are one contiguous range of
-the sorted pairs. Two transports carry the same call (`call_shard`): a Ray Compiled Graph over a
+the sorted pairs. Three transports carry the same call (`call_shard`): a Ray Compiled Graph over a
 fixed set of actors (one execution per layer, ~20x less overhead than plain actor calls for
-decode-sized payloads), and plain actor calls, used above `compiled_max_bytes` (prefill-sized
-payloads, where they measured as fast), while no graph is live, and to recompute a failed shard's
-rows on live copies of the same experts (outputs are unchanged).
+decode-sized payloads); the same graph carrying only counts while the rows go over a process group
+(`LinkedGraph`, experts/link.py: NCCL between GPUs, device to device); and plain actor calls, used
+above `compiled_max_bytes` for the compiled graph (prefill-sized payloads, where they measured as
+fast), while no graph is live, and to recompute a failed shard's rows on live copies of the same
+experts (outputs are unchanged).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayError
 
+from experts import link
 from experts.pool import ExpertUnavailableError
 from experts.shard import from_numpy, to_numpy
 from router.placement import Placement, live_slots
@@ -42,23 +46,33 @@ class CompiledGraph:
     """The per-layer fan-out compiled once over a fixed list of actors (inputs: version, layer,
     then one x and one counts array per shard). Raises when compiling fails."""
 
+    size_limited = True  # above the fan-out's compiled_max_bytes, plain calls are as fast
+
     def __init__(self, actors: list) -> None:
         from ray.dag import InputNode, MultiOutputNode
 
-        self.actors, n = list(actors), len(actors)
+        self.actors = list(actors)
         with InputNode() as inp:
-            outs = [a.compute.bind(inp[0], inp[1], inp[2 + s], inp[2 + n + s])
-                    for s, a in enumerate(self.actors)]  # fmt: skip
+            outs = [self._bind(a, inp, s, len(self.actors)) for s, a in enumerate(self.actors)]
             # Two executions in flight: two micro-batches (serving/engine/model.py). Ray's
             # default of 10 keeps 10 sets of buffers in this process, ~60 MiB per compile that
             # teardown did not give back (measured: RSS +60 MiB per shard replacement; with 1,
             # +6 MiB).
             self._graph = MultiOutputNode(outs).experimental_compile(_max_inflight_executions=2)
 
-    def execute(self, version: int, layer: int, xs: list, counts: list) -> list:
-        """Start one execution; ray.get of the refs gives [(y numpy, seconds)] per shard, and
-        raises when a shard died or hung."""
-        return self._graph.execute(version, layer, *xs, *counts)
+    @staticmethod
+    def _bind(actor, inp, s: int, n: int):
+        return actor.compute.bind(inp[0], inp[1], inp[2 + s], inp[2 + n + s])
+
+    def execute(self, version: int, layer: int, xs: list[torch.Tensor], counts: list) -> object:
+        """Start one execution: xs [n, D] and counts [s] (numpy) per shard; `results` waits."""
+        return self._graph.execute(version, layer, *[to_numpy(x) for x in xs], *counts)
+
+    def results(self, started, timeout_s: float, dtype: torch.dtype,
+                device: torch.device) -> tuple[list[torch.Tensor], list[float]]:  # fmt: skip
+        """Each shard's y [n, D] and compute seconds; raises when a shard died or hung."""
+        ys = ray.get(started, timeout=timeout_s)
+        return [from_numpy(y, dtype, device) for y, _ in ys], [seconds for _, seconds in ys]
 
     def teardown(self, background: bool = True) -> None:
         """Release the graph; with a dead actor inside this can take seconds, so by default it
@@ -70,6 +84,54 @@ class CompiledGraph:
             self._graph.teardown()
         except Exception as exc:  # already broken: nothing more to release
             log.info("compiled graph teardown: %s", exc)
+
+
+class LinkedGraph(CompiledGraph):
+    """The compiled fan-out carrying only each shard's counts, with the rows on the linked group
+    (experts/link.py): NCCL between GPUs, gloo between CPU processes. Rank 0 is this process."""
+
+    size_limited = False  # rows of any size go device to device
+
+    def __init__(self, actors: list, own: link.Link) -> None:
+        self.link = own
+        super().__init__(actors)
+
+    @classmethod
+    def over(cls, actors: list, device: str, hidden: int, timeout_s: float) -> LinkedGraph:
+        """A new group of this process (rank 0) and `actors` (ranks 1..S), and the graph on it.
+        Blocks until every rank joined; raises when one cannot (the pool then serves plainly)."""
+        host, world, name = ray.util.get_node_ip_address(), len(actors) + 1, link.new_name()
+        store = link.open_store(host, world, timeout_s)
+        joins = [a.join_link_here.remote(host, store.port, s + 1, world, name, hidden, timeout_s)
+                 for s, a in enumerate(actors)]  # fmt: skip
+        own = link.Link(host, store.port, 0, world, name, device, host, timeout_s, store=store)
+        ray.get(joins, timeout=timeout_s)
+        return cls(actors, own)
+
+    @staticmethod
+    def _bind(actor, inp, s: int, n: int):
+        return actor.compute_linked.bind(inp[0], inp[1], inp[2 + s])
+
+    def execute(self, version: int, layer: int, xs: list[torch.Tensor], counts: list) -> object:
+        # Receives are posted before the shards start, so a shard's answer never waits on us.
+        sent, ys = [], []
+        for s, x in enumerate(xs):
+            y = torch.empty_like(x)  # [n, D]
+            if x.shape[0]:
+                x = x.contiguous()
+                sent.append((x, self.link.send(x, s + 1)))  # x stays alive until sent
+                sent.append((y, self.link.recv(y, s + 1)))
+            ys.append(y)
+        return self._graph.execute(version, layer, *counts), ys, sent
+
+    def results(self, started, timeout_s: float, dtype: torch.dtype,
+                device: torch.device) -> tuple[list[torch.Tensor], list[float]]:  # fmt: skip
+        refs, ys, sent = started
+        seconds = ray.get(refs, timeout=timeout_s)  # raises first when a shard died
+        for _, work in sent:
+            if not work.wait(timedelta(seconds=timeout_s)):
+                raise TimeoutError("the linked transport timed out")
+        return ys, seconds
 
 
 class Fanout:
@@ -104,7 +166,10 @@ class Fanout:
         """Send x [N, D] grouped by slot (counts [P] host rows per slot) to the shards; the
         InFlight's result() is [N, D] and adds each shard's compute seconds to shard_s."""
         job = InFlight(self, actors, dead, version, layer, placement, x, counts, shard_s)
-        if self.graph is not None and x.numel() * x.element_size() <= self.compiled_max_bytes:
+        graph = self.graph
+        if graph is not None and (
+            not graph.size_limited or x.numel() * x.element_size() <= self.compiled_max_bytes
+        ):
             job.refs = self._execute(job)
         if job.refs is None:
             job.calls = self._plain(job)
@@ -113,7 +178,7 @@ class Fanout:
     def _execute(self, job: InFlight):
         """Start one execution of the compiled fan-out (every shard gets its rows, maybe none);
         None when there is no graph any more."""
-        xs = [to_numpy(job.x[start:end]) for start, end in job.rows]
+        xs = [job.x[start:end] for start, end in job.rows]
         cs = [job.counts[first:last].numpy() for first, last in job.ranges]
         with self.lock:
             if self.graph is None:
@@ -150,14 +215,15 @@ class Fanout:
         """The compiled execution's outputs; None when it failed (a shard died or hung: the
         graph is torn down and plain calls find which)."""
         try:
-            ys = ray.get(job.refs, timeout=self.call_timeout_s)
+            ys, seconds = job.graph.results(job.refs, self.call_timeout_s, self.dtype,
+                                            job.x.device)  # fmt: skip
         except Exception as exc:
             with self.lock:
                 self._drop(job.graph, exc)
             return None
-        for s, (_, seconds) in enumerate(ys):
-            job.shard_s[s] += seconds
-        return torch.cat([from_numpy(y, self.dtype, job.x.device) for y, _ in ys])
+        for s, shard_seconds in enumerate(seconds):
+            job.shard_s[s] += shard_seconds
+        return torch.cat(ys)
 
     def _plain_result(self, job: InFlight) -> torch.Tensor:
         out = torch.empty_like(job.x)

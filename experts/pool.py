@@ -104,7 +104,7 @@ class ElasticPool(ExpertPool, Protocol):
 
     @property
     def transport_in_use(self) -> str:
-        """How layers reach the shards right now ("compiled" or "plain")."""
+        """How layers reach the shards right now ("compiled", "linked (gloo|nccl)", "plain")."""
         ...
 
     def add_shard(self, wait: bool = False) -> threading.Thread:

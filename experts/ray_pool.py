@@ -36,8 +36,9 @@ import torch
 
 from experts import shard as plain_shard
 from experts.checkpoint import MixtralConfig
-from experts.fanout import CompiledGraph, Fanout, InFlight
+from experts.fanout import CompiledGraph, Fanout, InFlight, LinkedGraph
 from experts.idle import IdleRelease
+from experts.link import GRAPHS, TRANSPORTS, resolve_transport
 from experts.pool import Pending
 from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S, ShardResources, wait_for_room
 from experts.timing import ExpertTime
@@ -56,11 +57,16 @@ class ExpertShard(plain_shard.ExpertShard):
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def join_link_here(self, host: str, port: int, rank: int, world: int, name: str, hidden: int,
+                       timeout_s: float) -> str:  # fmt: skip
+        """join_link, reachable at this node's address."""
+        own = ray.util.get_node_ip_address()
+        return self.join_link(host, port, rank, world, name, own, hidden, timeout_s)
+
 
 # The one thin Ray wrapper. Three threads: a compiled graph's loop holds one for as long as the graph
 # lives, a background `prepare` takes another, and plain `compute` calls still get through.
 RemoteShard = ray.remote(max_concurrency=3)(ExpertShard)
-TRANSPORTS = ("compiled", "plain")
 IDLE_RELEASE_S = 30.0  # no layer for this long: the compiled graph is released (experts/idle.py)
 
 
@@ -90,7 +96,7 @@ class RayExpertPool:
         overflow: str = "split",
         call_timeout_s: float = 30.0,
         load_timeout_s: float = 600.0,
-        transport: str = "compiled",
+        transport: str = "auto",
         compiled_max_bytes: int = 4 << 20,
         shard_gpus: float = 1.0,
         shard_cpus: float | None = None,
@@ -115,7 +121,7 @@ class RayExpertPool:
         self._pending: tuple | None = None
         self._replacing: set[int] = set()
         self.events: list[str] = []  # what happened, newest last (failures, switches)
-        self.transport = transport
+        self.transport = resolve_transport(transport, device, shard_gpus)
         # Above compiled_max_bytes per layer, plain calls measured as fast or faster here
         # (BENCHMARKS.md): the graph's shared-memory channels pay to grow and copy large buffers.
         self.fanout = Fanout(dtype, call_timeout_s, compiled_max_bytes, self._mark_dead,
@@ -133,7 +139,7 @@ class RayExpertPool:
         self._load_all(self.version, self.placements())
         self.nodes = self._nodes_of(self.shards)  # the Ray node of each shard, for operators
         self.idle: IdleRelease | None = None  # releases the compiled graph while unused
-        if transport == "compiled":
+        if self.transport in GRAPHS:
             self._compile()
             if idle_release_s > 0:
                 self.idle = IdleRelease(idle_release_s, self._release_idle, self._compile)
@@ -173,7 +179,11 @@ class RayExpertPool:
         charge. A graph compiled while the shard set changed is dropped."""
         actors = list(self.shards)
         try:
-            graph = CompiledGraph(actors)
+            if self.transport == "linked":
+                graph = LinkedGraph.over(actors, self.device, self.config.hidden_size,
+                                         self.call_timeout_s)  # fmt: skip
+            else:
+                graph = CompiledGraph(actors)
         except Exception as exc:
             self.events.append(f"compile failed: {type(exc).__name__}")
             log.warning("compiling the expert fan-out failed (%s); using plain calls", exc)
@@ -192,8 +202,12 @@ class RayExpertPool:
 
     @property
     def transport_in_use(self) -> str:
-        """ "compiled" while the compiled fan-out is live, else "plain"."""
-        return "compiled" if self.fanout.graph is not None else "plain"
+        """The transport of the live graph ("compiled", "linked (gloo)", "linked (nccl)"), else
+        "plain"."""
+        graph = self.fanout.graph
+        if graph is None:
+            return "plain"
+        return f"linked ({graph.link.backend})" if isinstance(graph, LinkedGraph) else "compiled"
 
     def placements(self) -> list[Placement]:
         return [self.balancer.placement(layer) for layer in range(self.balancer.num_layers)]
@@ -258,7 +272,7 @@ class RayExpertPool:
                     self._dead.discard(shard)
                 self.events.append(f"shard {shard} replaced")
                 log.info("expert shard %d replaced", shard)
-                if self.transport == "compiled" and not self._dead:
+                if self.transport in GRAPHS and not self._dead:
                     self._compile()
                 return
             except Exception as exc:  # keep trying: a replacement must never stop for good
@@ -341,7 +355,7 @@ class RayExpertPool:
             ray.kill(actor)  # drained: no batch can reach it any more
         if resized:  # the graph names its actors: rebuild it over the new set
             self.fanout.set_graph(None)
-            if self.transport == "compiled":
+            if self.transport in GRAPHS:
                 threading.Thread(target=self._compile, daemon=True).start()
 
     def _release_idle(self) -> bool:

@@ -23,6 +23,7 @@ import torch
 
 from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertWeights, grouped_swiglu
+from experts.link import Link
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +51,8 @@ class ExpertShard:
     """The experts of one shard. Thread-safe for one `compute` beside one `prepare`/`free`."""
 
     _delay_s = 0.0  # see set_delay
+    _link: Link | None = None  # the linked transport's group, once joined
+    _hidden = 0
 
     def __init__(self, checkpoint: str, dtype: str = "float32", device: str = "cpu") -> None:
         self._path = checkpoint
@@ -121,17 +124,42 @@ class ExpertShard:
     ) -> tuple[np.ndarray, float]:
         """x [n, D] rows grouped by local slot, counts [s] rows per local slot -> ([n, D], the
         seconds this shard spent computing them: the step accounting's expert time)."""
+        y, seconds = self._compute(version, layer, from_numpy(x, self._dtype, self._device), counts)
+        return to_numpy(y), seconds
+
+    def join_link(self, host: str, port: int, rank: int, world: int, name: str, own_host: str,
+                  hidden: int, timeout_s: float) -> str:  # fmt: skip
+        """Become rank `rank` of the linked transport's group `name` (experts/link.py), whose
+        store rank 0 hosts at host:port; blocks until every rank joined. Returns the backend."""
+        link = Link(host, port, rank, world, name, str(self._device), own_host, timeout_s)
+        self._link, self._hidden = link, hidden
+        return link.backend
+
+    def compute_linked(self, version: int, layer: int, counts: np.ndarray) -> float:
+        """`compute` with the rows on the linked group: receive x [n, D] from the engine (rank
+        0), compute, send y [n, D] back. Returns the compute seconds."""
+        rows = int(counts.sum())
+        if rows == 0:
+            return 0.0
+        link = self._link
+        x = torch.empty(rows, self._hidden, dtype=self._dtype, device=self._device)  # [n, D]
+        link.recv(x, 0).wait()
+        y, seconds = self._compute(version, layer, x, counts)
+        link.send(y.contiguous(), 0).wait()
+        return seconds
+
+    def _compute(
+        self, version: int, layer: int, xt: torch.Tensor, counts: np.ndarray
+    ) -> tuple[torch.Tensor, float]:
         if self._delay_s:
             time.sleep(self._delay_s)  # a slow device: counted as compute, as it would be
         start = time.perf_counter() - self._delay_s
         weights = self._versions[version][layer]
         self._tokens[version][layer] += counts
-        xt = from_numpy(x, self._dtype, self._device)
         y = grouped_swiglu(xt, torch.tensor(counts, dtype=torch.long), weights)
         if y.is_cuda:
             torch.cuda.synchronize(y.device)  # the copy back would wait anyway: time the kernels
-        seconds = time.perf_counter() - start
-        return to_numpy(y), seconds
+        return y, time.perf_counter() - start
 
     def token_counts(self, version: int) -> list[list[int]]:
         """Tokens computed per local slot, per layer, since `version` was prepared."""

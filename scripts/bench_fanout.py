@@ -8,7 +8,8 @@ Prints one JSON object; per token count (decode- to prefill-sized), median ms of
                   shard computed (below): Ray's own cost over a wait that takes no CPU;
   beside_idle_graph: in_process again while that graph's actors wait for work (Ray's compiled
                   graph readers poll their channels: what idle shards cost the engine's cores);
-  compiled, plain: the layer through the ExpertShard pool with each transport;
+  compiled, plain, linked: the layer through the ExpertShard pool with each transport (linked:
+                  rows over a gloo process group, experts/link.py);
   *_overhead:     the pool's round trip minus the slowest shard's own compute (both measured by
                   the pool): dispatch, transport and combine as the layer pays them, and that
                   over bare (the goal: <= 2 at 64 tokens);
@@ -141,7 +142,7 @@ def report(tokens: list[int], ms: dict[str, dict]) -> dict:
     out = {}
     for t in tokens:
         row = {name: by[t] for name, by in ms.items()}
-        for transport in ("compiled", "plain"):
+        for transport in ("compiled", "plain", "linked"):
             row[f"{transport}_overhead_over_bare"] = round(
                 row[f"{transport}_overhead"] / row["bare"], 2
             )
@@ -184,6 +185,9 @@ def main() -> None:
         )
         plain = load_model(tmp, expert_shards=args.shards, transport="plain")
         ms["plain"], ms["plain_overhead"], _ = pool_phase(plain, inputs, args.rounds)
+        linked = load_model(tmp, expert_shards=args.shards, transport="linked")
+        assert linked.pool.transport_in_use == "linked (gloo)"
+        ms["linked"], ms["linked_overhead"], _ = pool_phase(linked, inputs, args.rounds)
     out = {
         "model": MODEL,
         "shards": args.shards,

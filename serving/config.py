@@ -217,6 +217,11 @@ class ServeConfig(BaseModel):
     # the same expert (lossless, the default), `reroute` to the token's next-best expert or
     # `drop` them (both change outputs; counted per layer in GET /v1/moe/status). Shards only.
     overflow: Literal["split", "reroute", "drop"] = "split"
+    # How a layer's rows reach the shards: `compiled` (Ray's compiled graph, shared memory),
+    # `linked` (a process group: NCCL between GPUs, device to device; gloo between CPUs), `plain`
+    # (an actor call per shard). `auto`: linked when every shard and the engine have a GPU of their
+    # own, else compiled (faster on CPUs, BENCHMARKS.md). Shards only.
+    expert_transport: Literal["auto", "compiled", "linked", "plain"] = "auto"
     # Ray Serve's default of 5 silently caps concurrency (ARCHITECTURE.md section 7): set it here.
     max_ongoing_requests: int = Field(256, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -81,6 +81,7 @@ def load_serving_model(config: ServeConfig):
         options["call_timeout_s"] = config.expert_call_timeout_s  # RayExpertPool's hang bound
         options |= dict(
             overflow=config.overflow,
+            transport=config.expert_transport,
             shard_cpus=config.shard_cpus,
             shard_gpus=config.shard_gpus,
             placement_timeout_s=config.placement_timeout_s,

@@ -71,6 +71,13 @@ def _add_shard_flags(p: argparse.ArgumentParser) -> None:
         "to the next-best expert or drop (both change outputs); with --expert-shards",
     )
     p.add_argument(
+        "--expert-transport",
+        choices=["auto", "compiled", "linked", "plain"],
+        help="how a layer's rows reach the shards: compiled graph (shared memory), linked (NCCL "
+        "between GPUs, gloo between CPUs) or plain actor calls; auto (default): linked when "
+        "each shard has a whole GPU, else compiled",
+    )
+    p.add_argument(
         "--shard-cpus",
         type=float,
         metavar="C",
@@ -116,6 +123,7 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         expert_shards=args.expert_shards,
         redundant_experts=args.redundant_experts,
         overflow=args.overflow,
+        expert_transport=args.expert_transport,
         shard_cpus=args.shard_cpus,
         shard_gpus=args.shard_gpus,
         placement_timeout_s=args.placement_timeout,
@@ -252,6 +260,11 @@ def _announce(config: ServeConfig) -> None:
         f"  curl {base}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
         "Ctrl-C or SIGTERM stops it (requests in flight finish first).",
     ]
+    if config.expert_shards:
+        from experts.link import resolve_transport
+
+        transport = resolve_transport(config.expert_transport, config.device, config.shard_gpus)
+        lines.insert(1, f"  experts on {config.expert_shards} ExpertShards, transport: {transport}")
     print("\n".join(lines), flush=True)
 
 

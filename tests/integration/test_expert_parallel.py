@@ -52,6 +52,20 @@ def test_plain_transport_equals_local(ray_session, demo_path, reference):
         model.close()
 
 
+def test_linked_transport_equals_local(ray_session, demo_path, reference):
+    # Rows over a gloo process group, the compiled graph carrying only counts; no size limit, so a
+    # prefill far above compiled_max_bytes goes the same way.
+    model = load_model(demo_path, expert_shards=2, transport="linked", compiled_max_bytes=1)
+    try:
+        assert model.pool.transport_in_use == "linked (gloo)"
+        for _ in range(2):  # the second pass reuses the group: sends and receives stay matched
+            assert (model(IDS) - reference).abs().max().item() < 1e-5
+        assert model.pool.transport_in_use == "linked (gloo)"  # nothing failed over to plain
+        assert not any("torn down" in e for e in model.pool.events)
+    finally:
+        model.close()
+
+
 def test_sharded_equals_transformers(ray_session, demo_path):
     from transformers import MixtralForCausalLM
 
@@ -116,8 +130,12 @@ def _shard_pid(pool, shard: int) -> int:
     return ray.get(pool.shards[shard].pid.remote())
 
 
-def test_killed_shard_with_two_copies_loses_nothing(ray_session, demo_path, reference):
-    model = load_model(demo_path, expert_shards=2, redundant_experts=8, call_timeout_s=10)
+@pytest.mark.parametrize(("transport", "shown"), [("compiled", "compiled"),
+                                                   ("linked", "linked (gloo)")])  # fmt: skip
+def test_killed_shard_with_two_copies_loses_nothing(ray_session, demo_path, reference, transport,
+                                                    shown):  # fmt: skip
+    model = load_model(demo_path, expert_shards=2, redundant_experts=8, call_timeout_s=10,
+                       transport=transport)  # fmt: skip
     pool = model.pool
     try:
         os.kill(_shard_pid(pool, 0), signal.SIGKILL)
@@ -134,9 +152,7 @@ def test_killed_shard_with_two_copies_loses_nothing(ray_session, demo_path, refe
             e.startswith("compiled graph torn down") or e.startswith("shard 0 failed")
             for e in pool.events
         )
-        wait_until(
-            lambda: pool.transport_in_use == "compiled", 30, lambda: f"compiled: {pool.events}"
-        )
+        wait_until(lambda: pool.transport_in_use == shown, 30, lambda: f"{shown}: {pool.events}")
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
         model.close()

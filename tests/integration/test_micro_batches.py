@@ -13,8 +13,9 @@ from serving.engine.step_batch import step_batch
 pytestmark = pytest.mark.ray
 
 
-@pytest.mark.parametrize("transport", ["compiled", "plain"])
-def test_split_step_equals_one_batch_and_overlaps(ray_session, demo_path, transport):
+@pytest.mark.parametrize(("transport", "shown"), [("compiled", "compiled"), ("plain", "plain"),
+                                                   ("linked", "linked (gloo)")])  # fmt: skip
+def test_split_step_equals_one_batch_and_overlaps(ray_session, demo_path, transport, shown):
     model = load_model(demo_path, expert_shards=2, transport=transport)
     try:
         g = torch.Generator().manual_seed(0)
@@ -33,7 +34,7 @@ def test_split_step_equals_one_batch_and_overlaps(ray_session, demo_path, transp
         split = model.step(step_batch(decodes, chunks), caches[1])
         overlapped = model.pool.step_time()
         assert (split - whole).abs().max().item() < 1e-5
-        assert model.pool.transport_in_use == transport
+        assert model.pool.transport_in_use == shown
         # One batch waits for every round trip; two in flight wait for less than theirs.
         assert blocking.waited_s == pytest.approx(blocking.round_trip_s, rel=0.02)
         assert overlapped.waited_s < overlapped.round_trip_s
