@@ -229,8 +229,11 @@ def test_forward_threads_do_not_fail_during_rebalance(ray_session, demo_path, re
     assert model.pool.version == 1 and not errors
 
 
-def test_add_and_remove_shards_while_serving(ray_session, demo_path, reference):
-    model = load_model(demo_path, expert_shards=2, redundant_experts=2)
+@pytest.mark.parametrize(("transport", "shown"), [("compiled", "compiled"),
+                                                   ("linked", "linked (gloo)")])  # fmt: skip
+def test_add_and_remove_shards_while_serving(ray_session, demo_path, reference, transport, shown):
+    # linked: each new set of shards gets a new process group (3 + 1 ranks, then 2 + 1)
+    model = load_model(demo_path, expert_shards=2, redundant_experts=2, transport=transport)
     pool = model.pool
     try:
         for target, change in ((3, pool.add_shard), (2, pool.remove_shard)):
@@ -244,9 +247,7 @@ def test_add_and_remove_shards_while_serving(ray_session, demo_path, reference):
             assert all((o - reference).abs().max().item() < 1e-5 for o in outputs)
             assert {int(s) for s in pool.placements()[0].slot_shard} == set(range(target))
         # rebuilt over the new set
-        wait_until(
-            lambda: pool.transport_in_use == "compiled", 30, lambda: f"compiled: {pool.events}"
-        )
+        wait_until(lambda: pool.transport_in_use == shown, 30, lambda: f"{shown}: {pool.events}")
         assert (model(IDS) - reference).abs().max().item() < 1e-5
     finally:
         model.close()
