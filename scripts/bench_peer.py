@@ -1,6 +1,6 @@
 """moe-serve against vLLM on the same machine, the same checkpoint and the same client.
 
-    .venv/bin/python scripts/bench_peer.py [--systems vllm,moe,moe-shards2] [--json]
+    .venv/bin/python scripts/bench_peer.py [--systems vllm,moe,moe-shards2] [--rounds 1] [--json]
         [--num-prompts 48 --max-concurrency 16 --input-len 128 --output-len 64 --seed 0]
 
 1. Writes a Mixtral checkpoint with transformers' own `save_pretrained` (hidden 512, FFN 1536,
@@ -19,7 +19,8 @@
      moe-shards2  `moe-serve up --expert-shards 2`.
 4. Prints the table (output tokens/ms, mean TTFT, mean TPOT, each system over vLLM) and the floor,
    or with --json one JSON object. Results are only comparable inside one run: the machine is
-   shared and noisy.
+   shared and noisy. With --rounds N every system runs N times, the order reversed every other
+   round, and the table gives each round and the mean (ratios averaged round by round).
 """
 
 from __future__ import annotations
@@ -281,19 +282,22 @@ def run_system(system: str, ckpt: Path, args: argparse.Namespace, port: int) -> 
 # -- the report ------------------------------------------------------------------------------
 
 
-def table(results: dict[str, dict], floor: dict) -> str:
+def table(results: dict[str, dict]) -> str:
     base = results.get("vllm", {}).get("output_tokens_per_ms")
     lines = ["| server | output tokens/ms | mean TTFT ms | mean TPOT ms | vs vLLM |",
              "|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
-        ratio = f"{r['output_tokens_per_ms'] / base:.2f}" if base else "-"
+        ratio = r.get("vs_vllm") or (r["output_tokens_per_ms"] / base if base else None)
         lines.append(f"| {name} | {r['output_tokens_per_ms']:.3f} | {r['mean_ttft_ms']:.0f} | "
-                     f"{r['mean_tpot_ms']:.1f} | {ratio} |")  # fmt: skip
-    lines.append(f"\nweight-streaming floor of a decode step at batch 16: {floor['floor_ms']:.1f} ms "
-                 f"({floor['bytes'] / 1e6:.0f} MB at {floor['read_gb_s']:.1f} GB/s read, one "
-                 f"thread; {floor['floor_ms_at_copy_rate']:.1f} ms at the "
-                 f"{floor['copy_gb_s']:.1f} GB/s copy rate)")  # fmt: skip
+                     f"{r['mean_tpot_ms']:.1f} | {f'{ratio:.2f}' if ratio else '-'} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def floor_line(floor: dict) -> str:
+    return (f"\nweight-streaming floor of a decode step at batch 16: {floor['floor_ms']:.1f} ms "
+            f"({floor['bytes'] / 1e6:.0f} MB at {floor['read_gb_s']:.1f} GB/s read, one "
+            f"thread; {floor['floor_ms_at_copy_rate']:.1f} ms at the "
+            f"{floor['copy_gb_s']:.1f} GB/s copy rate)")  # fmt: skip
 
 
 def main() -> None:
@@ -305,35 +309,60 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=8311)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every system this many times, in reversed order every other round "
+                    "(drift on a shared machine then falls on each system alike); the table "
+                    "gives each round and the mean")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     OUT.mkdir(parents=True, exist_ok=True)
     ckpt = write_checkpoint(OUT / "ckpt")
     step_floor = floor()
-    results = {}
-    for i, system in enumerate(args.systems.split(",")):
-        results[system] = run_system(system, ckpt, args, args.port + 10 * i)
+    systems = args.systems.split(",")
+    rounds = []
+    for r in range(args.rounds):
+        order = systems if r % 2 == 0 else systems[::-1]
+        ran = {s: run_system(s, ckpt, args, args.port + 10 * systems.index(s)) for s in order}
+        rounds.append({s: pick(ran[s]) for s in systems})
     report = {
         "command": " ".join(["scripts/bench_peer.py", *sys.argv[1:]]),
         "machine": machine(),
         "floor": step_floor,
-        "results": {
-            k: {
-                m: v.get(m)
-                for m in (
-                    "output_tokens_per_ms",
-                    "mean_ttft_ms",
-                    "mean_tpot_ms",
-                    "p99_tpot_ms",
-                    "completed",
-                    "failed",
-                    "startup_s",
-                )
-            }
-            for k, v in results.items()
-        },  # fmt: skip
+        "results": mean_of(rounds),
     }
-    print(json.dumps(report, indent=2) if args.json else table(results, step_floor))
+    if args.rounds > 1:
+        report["rounds"] = rounds
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for r, results in enumerate(rounds if args.rounds > 1 else []):
+        print(f"round {r + 1}:\n{table(results)}\n")
+    print(("mean of the rounds:\n" if args.rounds > 1 else "") + table(report["results"]))
+    print(floor_line(step_floor))
+
+
+FIGURES = ("output_tokens_per_ms", "mean_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "completed",
+           "failed", "startup_s")  # fmt: skip
+
+
+def pick(report: dict) -> dict:
+    return {m: report.get(m) for m in FIGURES}
+
+
+def mean_of(rounds: list[dict]) -> dict:
+    """Each system's figures averaged over the rounds; `vs_vllm`: the mean of each round's ratio
+    (ratios are only comparable within a round)."""
+    out = {}
+    for system in rounds[0]:
+        rows = [r[system] for r in rounds]
+        out[system] = {m: round(sum(row[m] or 0 for row in rows) / len(rows), 4) for m in FIGURES}
+        if all("vllm" in r for r in rounds):
+            ratios = [r[system]["output_tokens_per_ms"] / r["vllm"]["output_tokens_per_ms"]
+                      for r in rounds]  # fmt: skip
+            out[system]["vs_vllm"] = round(sum(ratios) / len(ratios), 3)
+    return out
 
 
 if __name__ == "__main__":
