@@ -10,27 +10,10 @@ needs the rows' keys gathered (or viewed) up to the longest row and a mask for t
 SDPA's CPU path is built for many queries, not one; here each row reads only its live keys, in
 place. The greedy pick reads the step's logits once with vectors, then finds the first maximum
 in a row that is now in cache. Written against the vector helpers of experts/cpu_kernels.py
-(`vec`, W floats wide).
+(`vec`, W floats wide, `vexp`).
 """
 
 SOURCE = r"""
-// e^x for x <= 0 (scores less their maximum), Cephes' polynomial: relative error ~1e-7. A NaN
-// stays NaN (vmax returns its second operand when either is NaN), as in torch's softmax.
-static inline vec vexp(vec x) {
-  x = vmax(vset(-87.3f), x);  // below: e^x underflows to 0 anyway
-  vec n = vfloor(vfma(x, vset(1.44269504f), vset(0.5f)));  // x = n ln2 + r
-  vec r = vfma(n, vset(-0.693359375f), x);
-  r = vfma(n, vset(2.12194440e-4f), r);
-  vec p = vset(1.9875691500e-4f);
-  p = vfma(p, r, vset(1.3981999507e-3f));
-  p = vfma(p, r, vset(8.3334519073e-3f));
-  p = vfma(p, r, vset(4.1665795894e-2f));
-  p = vfma(p, r, vset(1.6666665459e-1f));
-  p = vfma(p, r, vset(5.0000001201e-1f));
-  p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
-  return vpow2(p, n);
-}
-
 // softmax numerators of s[0..L) in place (e^(s - max)); returns their sum.
 static float exp_shifted(float* s, int64_t L) {
   float mx = -INFINITY;

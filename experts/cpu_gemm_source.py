@@ -6,7 +6,7 @@ The weight is packed once, at load, into blocks of NR columns laid out k-major, 
 call streams it exactly once, front to back, while NR-wide vector accumulators for up to MR rows
 stay in registers; rows beyond MR reuse the block from cache, and the next block streams in
 evenly meanwhile. `swiglu` runs every expert of a layer in one call. Written against the vector
-helpers of experts/cpu_kernels.py (`vec`, W floats wide).
+helpers of experts/cpu_kernels.py (`vec`, W floats wide, `vexp`).
 """
 
 SOURCE = r"""
@@ -126,6 +126,26 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor p, int64_t N, const float* next 
 
 static torch::Tensor mm_op(torch::Tensor x, torch::Tensor p, int64_t N) { return mm(x, p, N); }
 
+// a [n, F] = silu(g) * u for h = [g | u] [n, 2F], silu(g) = g * sigmoid(g) from e^-|g| (in (0, 1]:
+// never overflows). In the loop rather than torch's silu and mul: two operators, an allocation
+// and a pass over h per expert cost ~15 us each at a decode step's few rows (measured).
+static void silu_mul(const float* h, int64_t n, int64_t F, float* a) {
+  const vec one = vset(1.0f), zero = vzero();
+  for (int64_t r = 0; r < n; ++r) {
+    const float* g = h + r * 2 * F;
+    const float* u = g + F;
+    float* o = a + r * F;
+    int64_t f = 0;
+    for (; f + W <= F; f += W) {
+      const vec x = vload(g + f);
+      const vec t = vexp(vsub(zero, vmax(x, vsub(zero, x))));  // e^-|x|
+      const vec sig = vdiv(vwhere_nonneg(x, one, t), vadd(one, t));  // sigmoid(x)
+      vstore(o + f, vmul(vmul(x, sig), vload(u + f)));
+    }
+    for (; f < F; ++f) o[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
+  }
+}
+
 // Every expert of a layer in one call: x [R, D] rows sorted by expert, counts[e] rows each;
 // expert e computes w2 (silu(w1 x) * (w3 x)) with w13 [2F, D] (w1 rows first) and w2 [D, F]
 // packed. One call instead of a dozen operators per expert from Python: [R, D].
@@ -146,7 +166,8 @@ torch::Tensor swiglu(torch::Tensor x, std::vector<int64_t> counts, std::vector<t
     if (counts[e] == 0) continue;
     TORCH_CHECK(start + counts[e] <= x.size(0), "swiglu: counts exceed the rows");
     auto h = mm(x.narrow(0, start, counts[e]), w13[e], 2 * F, w2[e].data_ptr<float>());  // [n, 2F]
-    auto a = at::silu(h.narrow(1, 0, F)).mul_(h.narrow(1, F, F));  // [n, F]
+    auto a = torch::empty({counts[e], F}, x.options());  // [n, F]
+    silu_mul(h.data_ptr<float>(), counts[e], F, a.data_ptr<float>());
     mm_into(a, w2[e], D, out.data_ptr<float>() + start * D, D, next_w13(e));
   }
   TORCH_CHECK(start == x.size(0), "swiglu: counts do not add up to the rows");

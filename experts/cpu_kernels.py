@@ -53,6 +53,10 @@ _VECTORS = r"""
   static inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
   static inline vec vfloor(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
   static inline vec vpow2(vec y, vec n) { return _mm512_scalef_ps(y, n); }  // y * 2^n
+  static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+  static inline vec vwhere_nonneg(vec x, vec a, vec b) {  // a where x >= 0, else b (and NaN)
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+  }
 #else
   using vec = __m256;
   constexpr int W = 8, NR = 24, MR = 4;  // 12 accumulators of 16 registers
@@ -81,7 +85,28 @@ _VECTORS = r"""
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }
+  static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+  static inline vec vwhere_nonneg(vec x, vec a, vec b) {  // a where x >= 0, else b (and NaN)
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+  }
 #endif
+
+// e^x for x <= 0 (scores less their maximum, -|x|), Cephes' polynomial: relative error ~1e-7. A
+// NaN stays NaN (vmax returns its second operand when either is NaN), as in torch.
+static inline vec vexp(vec x) {
+  x = vmax(vset(-87.3f), x);  // below: e^x underflows to 0 anyway
+  vec n = vfloor(vfma(x, vset(1.44269504f), vset(0.5f)));  // x = n ln2 + r
+  vec r = vfma(n, vset(-0.693359375f), x);
+  r = vfma(n, vset(2.12194440e-4f), r);
+  vec p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.0f)));
+  return vpow2(p, n);
+}
 """
 
 _REGISTRATION = r"""

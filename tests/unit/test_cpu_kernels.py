@@ -86,6 +86,21 @@ def test_fused_experts_equal_one_expert_at_a_time():
         cpu_kernels.swiglu(x, [*counts[:-1], 16], w13, w2, f)
 
 
+def test_fused_silu_is_torchs_across_its_range():
+    # Identity weights make the expert x -> silu(x) * x, so the kernel's own silu (e^-|x|, never
+    # overflowing) is compared with torch's over saturating, tiny and zero inputs; 40 columns:
+    # whole vectors and a scalar tail.
+    n = 40
+    eye = torch.eye(n)
+    w13, w2 = cpu_kernels.pack(torch.cat([eye, eye])), cpu_kernels.pack(eye)
+    x = torch.cat([torch.linspace(-95, 95, 7 * n), torch.tensor([0.0, -0.0, 1e-30, -1e-30] * 10)])
+    x = x.reshape(-1, n)  # [8, 40]
+    got = cpu_kernels.swiglu(x, [x.shape[0]], [w13], [w2], n)
+    want = F.silu(x) * x
+    # Below -87 both are ~0 (torch's e^-x overflows to inf, ours stops at e^-87.3): atol 1e-30.
+    assert torch.allclose(got, want, rtol=2e-6, atol=1e-30)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (32, 8, 128), (4, 4, 32)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_equals_sdpa_row_by_row(heads, kv_heads, head_dim, window):
