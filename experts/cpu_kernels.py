@@ -5,8 +5,9 @@
   the model, so the step is bound by reading the weights; the BLAS packs (copies) its operands on
   every call and, for few rows, reaches a fraction of the memory bandwidth (scripts/bench_gemm.py,
   BENCHMARKS.md). Here each weight streams exactly once per call, front to back.
-- `decode_attention`, `first_max`: every decode row's attention over its own live keys in the
-  KV cache, and the greedy pick over the step's logits (experts/cpu_decode_source.py).
+- `decode_attention`, `first_max`, `rms_norm`, `kv_write`: every decode row's attention over
+  its own live keys in the KV cache, the greedy pick over the step's logits, RMSNorm and the
+  cache write, each one pass where torch takes several operators (experts/cpu_decode_source.py).
 
 The C++ source is compiled on first use with torch's extension builder (g++; about a minute,
 cached per machine and instruction set). Where that cannot happen (no compiler, another CPU
@@ -126,6 +127,8 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor pos, int window, "
         "float scale) -> Tensor", &decode_attention);
   m.def("first_max(Tensor x) -> Tensor", &first_max);
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
+  m.def("kv_write(Tensor(a!) cache, Tensor slots, Tensor positions, Tensor src) -> ()", &kv_write);
 }
 """
 
@@ -238,3 +241,19 @@ def first_max(x: torch.Tensor) -> torch.Tensor:
     """x [B, V] float32 -> the index of each row's first maximum [B] (int64), as torch's
     max(dim).indices: a NaN wins at its first place."""
     return _module().first_max(x)
+
+
+def fits(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: float32 on a CPU that built them."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] float32 -> w * (x * rsqrt(mean(x^2) + eps)), Mixtral's RMSNorm."""
+    return _module().rms_norm(x.reshape(-1, x.shape[-1]), w, eps).view(x.shape)
+
+
+def kv_write(cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+             src: torch.Tensor) -> None:  # fmt: skip
+    """One layer's cache [S, G, M, Dh] at (slots[t], :, positions[t]) = src [T, G, Dh]."""
+    _module().kv_write(cache, slots, positions, src)

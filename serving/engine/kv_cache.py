@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from experts import cpu_kernels
 from experts.checkpoint import MixtralConfig
 
 
@@ -40,6 +41,10 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k, v) -> None:
         """k, v [T, G, Dh]: token t's at position positions[t] of slot slots[t]."""
+        if cpu_kernels.fits(self.k, k, v):  # a copy per row, no index tensors built
+            cpu_kernels.kv_write(self.k[layer], slots, positions, k)
+            cpu_kernels.kv_write(self.v[layer], slots, positions, v)
+            return
         # Advanced indices split by a slice put their broadcast shape first: [T, G, Dh].
         self.k[layer][slots, :, positions] = k
         self.v[layer][slots, :, positions] = v

@@ -153,3 +153,30 @@ def test_first_max_is_torchs_max_ties_infinities_and_nan_included():
     assert torch.equal(cpu_kernels.first_max(x), x.max(dim=-1).indices)
     with pytest.raises(RuntimeError, match="float32"):
         cpu_kernels.first_max(x.double())
+
+
+def test_rms_norm_is_mixtrals():
+    from serving.engine.model import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((16, 512), (3, 7, 40), (1, 24)):  # rows, batch x seq, a scalar tail
+        x = torch.randn(shape, generator=g) * 3
+        w = torch.randn(shape[-1], generator=g)
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        assert torch.allclose(rms_norm(x, w, 1e-5), w * h, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(cpu_kernels.rms_norm(x, w, 1e-5), w * h, rtol=1e-5, atol=1e-6)
+
+
+def test_kv_write_is_index_put_and_refuses_outside_the_cache():
+    g = torch.Generator().manual_seed(0)
+    cache = torch.zeros(5, 2, 9, 16)  # [S, G, M, Dh]
+    want = cache.clone()
+    src = torch.randn(4, 2, 16, generator=g)  # [T, G, Dh]
+    slots, positions = torch.tensor([3, 0, 4, 1]), torch.tensor([8, 0, 5, 2])
+    cpu_kernels.kv_write(cache, slots, positions, src)
+    want[slots, :, positions] = src
+    assert torch.equal(cache, want)
+    for bad_slots, bad_positions in (([5, 0, 4, 1], [8, 0, 5, 2]), ([3, 0, 4, 1], [8, 9, 5, 2])):
+        with pytest.raises(RuntimeError, match="outside the cache"):
+            cpu_kernels.kv_write(cache, torch.tensor(bad_slots), torch.tensor(bad_positions), src)
+    assert torch.equal(cache, want)  # refused before writing anything
