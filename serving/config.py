@@ -251,6 +251,15 @@ class ServeConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _transport_needs_shards(self) -> ServeConfig:
+        if self.expert_transport != "auto" and not self.expert_shards:
+            raise ValueError(
+                f"expert_transport: {self.expert_transport!r} needs expert_shards > 0 (in process "
+                "the experts need no transport)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _router_takes_the_queue(self) -> ServeConfig:
         # Below this, Ray Serve would queue requests unseen by our bounded queue (no 503).
         need = self.scheduler.max_batch_slots + self.scheduler.max_queue

@@ -1,4 +1,5 @@
-"""Which transport `auto` stands for: linked only where NCCL can give every rank its own GPU."""
+"""Which transport `auto` stands for (linked only where NCCL can give every rank its own GPU), and
+a served model's transport refused without shards, in one line naming the field."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ def test_backends():
     assert backend_for("cpu") == "gloo" and backend_for("cuda:1") == "nccl"
     with pytest.raises(ValueError, match="no backend for 'meta'"):
         backend_for("meta")
+
+
+def test_a_chosen_transport_needs_shards():
+    from serving.config import ServeConfig, config_from_args
+    from serving.errors import UserError
+
+    assert ServeConfig(expert_shards=2, expert_transport="linked").expert_transport == "linked"
+    assert ServeConfig().expert_transport == "auto"
+    with pytest.raises(UserError, match=r"^args: expert_transport: 'linked' needs expert_shards"):
+        config_from_args({"expert_transport": "linked"})
+    with pytest.raises(UserError, match="expert_transport"):
+        config_from_args({"expert_shards": 2, "expert_transport": "nccl"})
