@@ -146,9 +146,6 @@ torch::Tensor first_max(torch::Tensor x) {
   return out;
 }
 
-// How many threads at::parallel_for gives n items here (a check of the build: compiled without
-// OpenMP it silently runs everything on one).
-
 // y [T, D] = w * (x * rsqrt(mean(x^2) + eps)) row by row: Mixtral's RMSNorm in float32, one
 // pass instead of six operators (pow, mean, add, rsqrt, mul, mul) per norm.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
@@ -202,4 +199,7 @@ void kv_write(torch::Tensor cache, torch::Tensor slots, torch::Tensor positions,
       std::copy(xp + (t * G + g) * Dh, xp + (t * G + g + 1) * Dh,
                 cp + ((sp[t] * G + g) * M + pp[t]) * Dh);
 }
+
+// How many threads at::parallel_for gives n items here (a check of the build: compiled without
+// OpenMP it silently runs everything on one).
 """
