@@ -1,6 +1,7 @@
 """Where a decode step and a prefill chunk spend their time, beside the weight-streaming floor.
 
-    .venv/bin/python scripts/profile_step.py [--batch 16] [--context 128] [--chunk 128] [--json]
+    .venv/bin/python scripts/profile_step.py [--batch 16] [--context 128] [--chunk 128]
+        [--repeats 10] [--rounds 5] [--json]
 
 Loads the engine-speed checkpoint (scripts/bench_peer.py writes it: Mixtral hidden 512, FFN 1536,
 8 experts top-2, 4 layers, vocab 32000, fp32) in process on one thread (the engine's setting on 2
@@ -11,7 +12,8 @@ expert GEMMs, dense GEMMs (QKV, output projection, gate logits), lm_head, attent
 KV cache reads and writes), gating and dispatch (softmax, top-k, balancer, grouping, combine),
 norms and activations, sampling, and the rest; the wall time outside operators is Python and
 scheduling. Prints the table and the floor (bytes the step must read over the single-thread read
-bandwidth measured in the same run; scripts/bench_peer.py `floor`).
+bandwidth measured in the same run; scripts/bench_peer.py `floor`), and the decode step over the
+floor with both measured in turns, `--rounds` times (the median and each round).
 """
 
 from __future__ import annotations
@@ -97,19 +99,37 @@ def timed(step, repeats: int) -> float:
     return statistics.median(times)
 
 
+def step_over_floor(decode, batch: int, rounds: int, repeats: int) -> dict:
+    """Decode steps and the single-thread read rate measured in turns, `rounds` times: each
+    round's median step over the floor at that round's read rate. A shared machine's read rate
+    moves between runs minutes apart (12.8-15.1 GB/s here), so a floor measured once, away from
+    the steps, makes a noisy ratio."""
+    total = sum(bench_peer.decode_bytes(batch).values())
+    ratios, rates = [], []
+    for _ in range(rounds):
+        step_ms = timed(decode, repeats)
+        rate = bench_peer.bandwidth_gb_s(repeats=3)["read_gb_s"]
+        ratios.append(round(step_ms / (total / rate / 1e6), 3))
+        rates.append(rate)
+    return {"median": statistics.median(ratios), "ratios": ratios, "read_gb_s": rates}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of decode steps and the read rate measured in turns (the "
+                    "step / floor ratio)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     bench_peer.OUT.mkdir(parents=True, exist_ok=True)
     model = load_model(bench_peer.write_checkpoint(bench_peer.OUT / "ckpt"))
     b, ctx, vocab = args.batch, args.context, model.config.vocab_size
-    steps = args.repeats * 3 + 4
+    steps = args.repeats * (3 + args.rounds) + 4 + args.rounds
     cache = model.new_cache(b + 1, ctx + steps + args.chunk)
     model(torch.randint(3, vocab, (b, ctx)), cache=cache)  # the prompts, in the cache
     ids = torch.randint(3, vocab, (b, 1))
@@ -132,6 +152,7 @@ def main() -> None:
     prefill_parts, _ = profiled(prefill, max(2, args.repeats // 3))
     prefill_ms = timed(prefill, max(2, args.repeats // 3))
     step_floor = bench_peer.floor(b)
+    ratio = step_over_floor(decode, b, args.rounds, args.repeats)
     report = {
         "command": " ".join(["scripts/profile_step.py", *sys.argv[1:]]),
         "decode": {
@@ -146,6 +167,7 @@ def main() -> None:
             "profile_ms": {k: round(v, 2) for k, v in prefill_parts.items()},
         },
         "floor": step_floor,
+        "step_over_floor": ratio,
         "machine": bench_peer.machine(),
     }
     if args.json:
@@ -161,6 +183,8 @@ def main() -> None:
     print(f"floor of a decode step: {f['floor_ms']} ms ({f['bytes'] / 1e6:.0f} MB at "
           f"{f['read_gb_s']} GB/s read, one thread; {f['floor_ms_at_copy_rate']} ms at the "
           f"{f['copy_gb_s']} GB/s copy rate); {report['machine']}")  # fmt: skip
+    print(f"decode step / floor, {args.rounds} rounds of steps and the read rate in turns: median "
+          f"{ratio['median']} (rounds {ratio['ratios']}; read GB/s {ratio['read_gb_s']})")  # fmt: skip
 
 
 if __name__ == "__main__":
