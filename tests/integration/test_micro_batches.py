@@ -44,12 +44,15 @@ def test_split_step_equals_one_batch_and_overlaps(ray_session, demo_path, transp
         model.close()
 
 
-def test_a_served_models_overflow_policy_reaches_its_balancer(ray_session, demo_path):
+def test_a_served_models_overflow_policy_and_transport_reach_its_pool(ray_session, demo_path):
     from serving.api.app import load_serving_model
     from serving.config import ServeConfig
 
-    model = load_serving_model(ServeConfig(model=str(demo_path), expert_shards=2, overflow="drop"))
+    config = ServeConfig(model=str(demo_path), expert_shards=2, overflow="drop",
+                         expert_transport="linked")  # fmt: skip
+    model = load_serving_model(config)
     try:
         assert model.pool.balancer.overflow == "drop"
+        assert model.pool.transport_in_use == "linked (gloo)"
     finally:
         model.close()

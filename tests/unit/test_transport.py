@@ -38,3 +38,15 @@ def test_a_chosen_transport_needs_shards():
         config_from_args({"expert_transport": "linked"})
     with pytest.raises(UserError, match="expert_transport"):
         config_from_args({"expert_shards": 2, "expert_transport": "nccl"})
+
+
+def test_up_announces_the_transport_it_chose(capsys):
+    from serving.cli.up import _announce
+    from serving.config import ServeConfig
+
+    _announce(ServeConfig(expert_shards=2))
+    assert "experts on 2 ExpertShards, transport: compiled" in capsys.readouterr().out
+    _announce(ServeConfig(expert_shards=2, expert_transport="plain"))
+    assert "transport: plain" in capsys.readouterr().out
+    _announce(ServeConfig())
+    assert "transport" not in capsys.readouterr().out  # experts in process: no transport
