@@ -171,6 +171,14 @@ class MonitoringConfig(BaseModel):
     cpu_measure_s: float = Field(1.0, gt=0)
 
 
+# Settings that only mean something with ExpertShards: (field, its default, why not in process).
+# Any other value without shards is refused, naming the field, rather than silently ignored.
+SHARD_SETTINGS = (
+    ("overflow", "split", "no expert has a capacity to overflow"),
+    ("expert_transport", "auto", "the experts need no transport"),
+)
+
+
 class ServeConfig(BaseModel):
     """Everything `moe-serve up` and the Serve application need."""
 
@@ -242,21 +250,13 @@ class ServeConfig(BaseModel):
     controller: ControllerConfig = ControllerConfig()
 
     @model_validator(mode="after")
-    def _overflow_needs_shards(self) -> ServeConfig:
-        if self.overflow != "split" and not self.expert_shards:
-            raise ValueError(
-                f"overflow: {self.overflow!r} needs expert_shards > 0 (in process no expert has "
-                "a capacity to overflow)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _transport_needs_shards(self) -> ServeConfig:
-        if self.expert_transport != "auto" and not self.expert_shards:
-            raise ValueError(
-                f"expert_transport: {self.expert_transport!r} needs expert_shards > 0 (in process "
-                "the experts need no transport)"
-            )
+    def _shard_settings_need_shards(self) -> ServeConfig:
+        if self.expert_shards:
+            return self
+        for field, default, why in SHARD_SETTINGS:
+            if getattr(self, field) != default:
+                value = getattr(self, field)
+                raise ValueError(f"{field}: {value!r} needs expert_shards > 0 (in process {why})")
         return self
 
     @model_validator(mode="after")
