@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything GPU-only in one command, on a machine with an NVIDIA GPU: the GPU tests (tests/gpu)
-# and the GPU benchmark (scripts/bench_moe_layer.py at its H200 settings: the issue's shapes, bf16),
-# plus any reference scripts given as arguments. Bounded to under 8 minutes once installed.
+# and the GPU benchmarks (scripts/bench_moe_layer.py at its H200 settings: the issue's shapes, bf16;
+# scripts/bench_forward.py: the whole model against transformers' in bf16), plus any reference
+# scripts given as arguments. Bounded to under 8 minutes once installed.
 #
 # Usage: bash scripts/gpu_check.sh [REFERENCE_SCRIPT.py ...]
 #   Each REFERENCE_SCRIPT runs with the same Python, from the repo root, after ours; its stdout is
@@ -10,7 +11,8 @@
 #
 # Results go to ${OUT:-bench-results/gpu}/ (bench-results/ is git-ignored): summary.txt (machine,
 # versions, the verdict of each step), pytest.txt, bench_moe_layer.jsonl (one JSON line per case),
-# bench_moe_layer.log (its stderr), and ref-NAME.out / ref-NAME.log per reference script.
+# bench_moe_layer.log (its stderr), bench_forward.json and .log, and ref-NAME.out / ref-NAME.log
+# per reference script.
 #
 # A CUDA build of torch must be importable. This script checks for a GPU first (nvidia-smi) and
 # stops at once without one. Then it uses, in this order:
@@ -25,8 +27,12 @@
 #      start at all; ray only for tests/gpu/test_shards_on_one_gpu.py, skipped without it).
 #   It prints what it did at each step.
 # Settings (environment): GPU_CHECK_INSTALL=0 skips every install step; GPU_CHECK_INSTALL_S (900),
-# GPU_CHECK_PYTEST_S (230), GPU_CHECK_BENCH_S (150), GPU_CHECK_REF_S (60, each script) bound the
-# steps in seconds; GPU_CHECK_BENCH_ARGS adds flags to bench_moe_layer.py.
+# GPU_CHECK_PYTEST_S (230), GPU_CHECK_BENCH_S (150, each of our two benchmarks), GPU_CHECK_REF_S
+# (60, each script) bound the steps in seconds; GPU_CHECK_BENCH_ARGS adds flags to
+# bench_moe_layer.py. GPU_CHECK_WHEELS=DIR, for an offline machine whose Python lacks some of the
+# project's modules (pydantic, ray): every *.whl in DIR is installed with `pip install --no-index
+# --no-deps --target` into a folder put first on PYTHONPATH (so Ray's workers see it too); DIR must
+# hold the wheels' own dependencies that the machine lacks.
 #
 # Exit status: 0 when every step passed, 1 when one failed, 2 when there is no CUDA device.
 set -uo pipefail
@@ -143,6 +149,16 @@ if [ -z "$py" ] || ! cuda_torch "$py"; then
     echo "gpu_check: no Python with a CUDA build of torch that sees the GPU (${py:-none found}): install one into .venv (pip install torch) or set PYTHON" >&2
     exit 1
 fi
+if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+    site="${TMPDIR:-/tmp}/moe-serve-gpu-site"
+    if timeout "$install_s" "$py" -m pip install --quiet --no-index --no-deps --target "$site" \
+        "$GPU_CHECK_WHEELS"/*.whl; then
+        record NOTE wheels "$(ls "$GPU_CHECK_WHEELS"/*.whl | wc -l) wheels from $GPU_CHECK_WHEELS into $site"
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        record NOTE wheels "pip install --target $site from $GPU_CHECK_WHEELS failed (rc $?): continuing"
+    fi
+fi
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -220,6 +236,20 @@ elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     record FAIL bench_moe_layer "timed out after ${bench_s} s with $cases cases done -> $jsonl"
 else
     record FAIL bench_moe_layer "rc $rc after $cases cases: $(tail -n 1 "$out/bench_moe_layer.log")"
+fi
+
+# -- 4b. the whole model's forward pass against transformers' on the GPU (bf16) ------------------
+fwd="$out/bench_forward.json"
+say "scripts/bench_forward.py --device cuda --dtype bfloat16 --rounds 3 (at most ${bench_s} s) -> $fwd"
+start=$SECONDS
+timeout --kill-after=10 "$bench_s" "$py" scripts/bench_forward.py --device cuda --dtype bfloat16 \
+    --rounds 3 >"$fwd" 2>"$out/bench_forward.log"
+rc=$?
+cat "$fwd"
+if [ "$rc" = 0 ] && "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$fwd" 2>/dev/null; then
+    record PASS bench_forward "($((SECONDS - start)) s) -> $fwd"
+else
+    record FAIL bench_forward "rc $rc: $(tail -n 1 "$out/bench_forward.log")"
 fi
 
 # -- 5. reference scripts ------------------------------------------------------------------------
