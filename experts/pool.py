@@ -58,6 +58,8 @@ class ExpertPool(Protocol):
     # Whether starting a layer's experts returns before they are done, so that the engine can
     # compute something else meanwhile (two micro-batches in flight): True for shards elsewhere.
     overlaps: bool
+    # Whether `assign` may drop a pair (slot -1). False lets dispatch skip checking on the host.
+    drops: bool
 
     def begin_step(self) -> None:
         """A step begins: nothing is in flight, so a pool may switch placements here."""
@@ -124,6 +126,7 @@ class LocalExpertPool:
     """Every logical expert once, in this process: slot id == expert id."""
 
     overlaps = False
+    drops = False  # one slot per expert, no capacity: every pair is computed
 
     def __init__(self, layers: list[ExpertWeights]) -> None:
         self.layers = layers

@@ -83,6 +83,7 @@ class RayExpertPool:
     """Experts of every layer on `num_shards` ExpertShard actors, `redundant` extra copies."""
 
     overlaps = True  # start() returns while the shards compute
+    drops = True  # the balancer's overflow policy may be "drop"
 
     def __init__(
         self,

@@ -33,15 +33,20 @@ class Dispatch:
         return self.segments([(first_slot, last_slot)])[0]
 
 
-def group_by_slot(slots: torch.Tensor, num_slots: int) -> Dispatch:
-    """slots [T, K] (slot id per pair, -1 = dropped) -> Dispatch over num_slots slots."""
+def group_by_slot(slots: torch.Tensor, num_slots: int, may_drop: bool = True) -> Dispatch:
+    """slots [T, K] (slot id per pair, -1 = dropped) -> Dispatch over num_slots slots.
+
+    may_drop=False: the caller knows that no pair was dropped, so nothing is read back to the host
+    (a CUDA graph records no host read: serving/engine/cuda_graphs.py)."""
     k = slots.shape[1]
     flat = slots.reshape(-1)  # [T*K]
-    kept = torch.nonzero(flat >= 0).squeeze(1) if bool((flat < 0).any()) else None
+    dropped = may_drop and bool((flat < 0).any())
+    kept = torch.nonzero(flat >= 0).squeeze(1) if dropped else None
     keys = flat if kept is None else flat[kept]
     order = torch.argsort(keys, stable=True)  # [N]
     pair_idx = order if kept is None else kept[order]
-    counts = torch.bincount(keys, minlength=num_slots)  # [S]
+    # Not torch.bincount: on CUDA it reads the largest key back to the host.
+    counts = keys.new_zeros(num_slots).scatter_add_(0, keys, torch.ones_like(keys))  # [S]
     return Dispatch(pair_idx=pair_idx, token_idx=pair_idx // k, counts=counts)
 
 

@@ -38,6 +38,6 @@ def start_moe_layer(
     on (two micro-batches in flight, serving/engine/model.py)."""
     gating = top_k_gating(gate(x), top_k)  # 1. gate: weights, experts [T, K]
     slots, weights = pool.assign(layer, gating)  # 2. assign each pair a physical slot
-    dispatch = group_by_slot(slots, pool.num_slots(layer))  # 3. group pairs by slot
+    dispatch = group_by_slot(slots, pool.num_slots(layer), pool.drops)  # 3. group pairs by slot
     pending = pool.start(layer, x[dispatch.token_idx], dispatch)  # 4. experts: [N, D]
     return MoeInFlight(pending, dispatch, weights)

@@ -123,3 +123,13 @@ def test_one_expert_top1_is_a_dense_swiglu_ffn():
     got = moe_layer(x, Linear(torch.randn(1, 32)), LocalExpertPool([weights]), 0, top_k=1)
     dense = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     assert torch.allclose(got, dense, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 9, 200])
+def test_dispatch_told_nothing_was_dropped_groups_alike(tokens):
+    # may_drop=False skips the host check (what a CUDA graph needs): same grouping, same counts.
+    slots = torch.randint(0, 5, (tokens, 2), generator=torch.Generator().manual_seed(tokens))
+    a, b = group_by_slot(slots, 5), group_by_slot(slots, 5, may_drop=False)
+    assert torch.equal(a.pair_idx, b.pair_idx) and torch.equal(a.token_idx, b.token_idx)
+    assert torch.equal(a.counts, b.counts)
+    assert a.counts.tolist() == torch.bincount(slots.reshape(-1), minlength=5).tolist()
