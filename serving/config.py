@@ -125,6 +125,9 @@ class SchedulerConfig(BaseModel):
     # KV cache slots allocated (None: max_batch_slots): room a batch fallback can grow the batch
     # into at run time. The engine sizes it for its controller's largest fallback level.
     cache_slots: int | None = Field(None, gt=0)
+    # Decode steps replayed as CUDA graphs, one launch per step, where the model allows it (a
+    # GPU, experts in process, grouped_mm); elsewhere, or False, every step runs eagerly.
+    cuda_graphs: bool = True
 
     @model_validator(mode="after")
     def _decodes_fit(self) -> SchedulerConfig:

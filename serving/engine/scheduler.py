@@ -30,6 +30,7 @@ import torch
 from experts.pool import ExpertUnavailableError
 from experts.timing import ExpertTime
 from serving.config import SchedulerConfig
+from serving.engine import cuda_graphs
 from serving.engine.detokenize import Decode, TextStream
 from serving.engine.model import MixtralModel
 from serving.engine.reports import RequestTiming, StepObserver, StepReport
@@ -67,6 +68,7 @@ class Scheduler:
         self.max_len = min(config.max_seq_len, model.config.max_position_embeddings)
         self.cache_slots = config.cache_slots or config.max_batch_slots
         self.cache = model.new_cache(self.cache_slots, self.max_len)
+        self.forward = cuda_graphs.for_engine(model, self.cache, config.cuda_graphs)
         # A heap: the lowest free slot first, so running sequences stay packed at the front of
         # the cache (holes left by finished ones are closed: _compact) and their decode rows, in
         # slot order, read one contiguous block of it (kv_cache.py read_rows: a view, no gather).
@@ -323,16 +325,15 @@ class Scheduler:
     def _execute(self, plan: StepPlan) -> tuple[list[tuple], float]:
         """Runs in the worker thread: the forward pass only, no scheduler state changes.
 
-        Every decode row and prompt chunk of the step goes through the model in one pass
-        (serving/engine/step_batch.py), so the step reads the weights once. Returns each sequence
-        with its next-token logits [V] and greedy token (None, None for a partial prefill), and
-        the forward's seconds.
+        Every decode row and prompt chunk goes through the model in one pass (step_batch.py; on a
+        GPU a decode-only step replays a CUDA graph), reading the weights once. Returns each
+        sequence's logits [V] and greedy token (None, None: partial prefill), and the seconds.
         """
         began = time.perf_counter()
         decodes = [(s.output[-1], s.slot, s.cached) for s in plan.decodes]
         chunks = [(seq.prompt[seq.cached : seq.cached + n], seq.slot, seq.cached,
                    seq.cached + n == len(seq.prompt)) for seq, n in plan.prefills]  # fmt: skip
-        logits = self.model.step(step_batch(decodes, chunks, self.model.device), self.cache)
+        logits = self.forward.run(step_batch(decodes, chunks, self.model.device))
         greedy = most_likely(logits).tolist()  # [R]: one pass for every row
         rows = iter(zip(logits, greedy, strict=True))  # decodes', then finished prompts' rows
         out = [(s, *next(rows)) for s in plan.decodes]
