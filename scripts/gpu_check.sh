@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything GPU-only in one command, on a machine with an NVIDIA GPU: the GPU tests (tests/gpu)
 # and the GPU benchmarks (scripts/bench_moe_layer.py at its H200 settings: the issue's shapes, bf16;
-# scripts/bench_forward.py: the whole model against transformers' in bf16), plus any reference
-# scripts given as arguments. Bounded to under 8 minutes once installed.
+# scripts/bench_forward.py: the whole model against transformers' in bf16; scripts/bench_engine.py:
+# the engine with decode steps as CUDA graphs and without), plus any reference scripts given as
+# arguments. About 3 minutes on an H200 once installed; every step has its own time bound.
 #
 # Usage: bash scripts/gpu_check.sh [REFERENCE_SCRIPT.py ...]
 #   Each REFERENCE_SCRIPT runs with the same Python, from the repo root, after ours; its stdout is
@@ -11,8 +12,8 @@
 #
 # Results go to ${OUT:-bench-results/gpu}/ (bench-results/ is git-ignored): summary.txt (machine,
 # versions, the verdict of each step), pytest.txt, bench_moe_layer.jsonl (one JSON line per case),
-# bench_moe_layer.log (its stderr), bench_forward.json and .log, and ref-NAME.out / ref-NAME.log
-# per reference script.
+# bench_forward.json, bench_engine.json, bench.log (our benchmarks' stderr, one after another), and
+# ref-NAME.out / ref-NAME.log per reference script: 8 files with one reference script.
 #
 # A CUDA build of torch must be importable. This script checks for a GPU first (nvidia-smi) and
 # stops at once without one. Then it uses, in this order:
@@ -27,7 +28,7 @@
 #      start at all; ray only for tests/gpu/test_shards_on_one_gpu.py, skipped without it).
 #   It prints what it did at each step.
 # Settings (environment): GPU_CHECK_INSTALL=0 skips every install step; GPU_CHECK_INSTALL_S (900),
-# GPU_CHECK_PYTEST_S (230), GPU_CHECK_BENCH_S (150, each of our two benchmarks), GPU_CHECK_REF_S
+# GPU_CHECK_PYTEST_S (230), GPU_CHECK_BENCH_S (150, each of our three benchmarks), GPU_CHECK_REF_S
 # (60, each script) bound the steps in seconds; GPU_CHECK_BENCH_ARGS adds flags to
 # bench_moe_layer.py. GPU_CHECK_WHEELS=DIR, for an offline machine whose Python lacks some of the
 # project's modules (pydantic, ray): every *.whl in DIR is installed with `pip install --no-index
@@ -87,6 +88,8 @@ torch_of() {  # PYTHON: its torch's version and CUDA, or "none"
     timeout 120 "$1" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' \
         2>/dev/null || echo none
 }
+err() { echo "${TMPDIR:-/tmp}/gpu_check.$1.err"; }  # STEP: where a benchmark's stderr goes
+keep_err() { { echo "== $1 (stderr)"; cat "$(err "$1")"; } >>"$out/bench.log"; }
 finish() {
     {
         echo
@@ -224,18 +227,19 @@ jsonl="$out/bench_moe_layer.jsonl"
 say "scripts/bench_moe_layer.py${bench_args[*]:+ ${bench_args[*]}} (at most ${bench_s} s) -> $jsonl"
 start=$SECONDS
 timeout --kill-after=10 "$bench_s" "$py" scripts/bench_moe_layer.py ${bench_args[@]+"${bench_args[@]}"} \
-    >"$jsonl" 2>"$out/bench_moe_layer.log"
+    >"$jsonl" 2>"$(err bench_moe_layer)"
 rc=$?
+keep_err bench_moe_layer
 cat "$jsonl"
 cases="$(grep -c '^{' "$jsonl")"
 if ! "$py" -c 'import json, sys; [json.loads(l) for l in open(sys.argv[1]) if l.strip()]' "$jsonl"; then
-    record FAIL bench_moe_layer "rc $rc: its stdout is not JSON lines (see bench_moe_layer.log)"
+    record FAIL bench_moe_layer "rc $rc: its stdout is not JSON lines (see bench.log)"
 elif [ "$rc" = 0 ] && [ "$cases" -gt 0 ]; then
     record PASS bench_moe_layer "$cases cases ($((SECONDS - start)) s) -> $jsonl"
 elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     record FAIL bench_moe_layer "timed out after ${bench_s} s with $cases cases done -> $jsonl"
 else
-    record FAIL bench_moe_layer "rc $rc after $cases cases: $(tail -n 1 "$out/bench_moe_layer.log")"
+    record FAIL bench_moe_layer "rc $rc after $cases cases: $(tail -n 1 "$(err bench_moe_layer)")"
 fi
 
 # -- 4b. the whole model's forward pass against transformers' on the GPU (bf16) ------------------
@@ -243,13 +247,28 @@ fwd="$out/bench_forward.json"
 say "scripts/bench_forward.py --device cuda --dtype bfloat16 --rounds 3 (at most ${bench_s} s) -> $fwd"
 start=$SECONDS
 timeout --kill-after=10 "$bench_s" "$py" scripts/bench_forward.py --device cuda --dtype bfloat16 \
-    --rounds 3 >"$fwd" 2>"$out/bench_forward.log"
+    --rounds 3 >"$fwd" 2>"$(err bench_forward)"
 rc=$?
+keep_err bench_forward
 cat "$fwd"
 if [ "$rc" = 0 ] && "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$fwd" 2>/dev/null; then
     record PASS bench_forward "($((SECONDS - start)) s) -> $fwd"
 else
-    record FAIL bench_forward "rc $rc: $(tail -n 1 "$out/bench_forward.log")"
+    record FAIL bench_forward "rc $rc: $(tail -n 1 "$(err bench_forward)")"
+fi
+
+# -- 4c. the engine with decode steps as CUDA graphs and without (bf16, demo model) ---------------
+eng="$out/bench_engine.json"
+say "scripts/bench_engine.py --rounds 3 (at most ${bench_s} s) -> $eng"
+start=$SECONDS
+timeout --kill-after=10 "$bench_s" "$py" scripts/bench_engine.py --rounds 3 >"$eng" 2>"$(err bench_engine)"
+rc=$?
+keep_err bench_engine
+cat "$eng"
+if [ "$rc" = 0 ] && "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$eng" 2>/dev/null; then
+    record PASS bench_engine "($((SECONDS - start)) s) -> $eng"
+else
+    record FAIL bench_engine "rc $rc: $(tail -n 1 "$(err bench_engine)")"
 fi
 
 # -- 5. reference scripts ------------------------------------------------------------------------
