@@ -132,6 +132,47 @@ def decode_bytes(batch: int = 16) -> dict[str, int]:
     }
 
 
+def decode_flops(batch: int = 16) -> dict[str, int]:
+    """FLOPs of the weight products one decode step runs at `batch` rows, part by part as
+    `decode_bytes` counts their bytes (2 per multiply-add; attention over the cache left out)."""
+    d, f, e, layers = (MODEL["hidden_size"], MODEL["intermediate_size"], 8,
+                       MODEL["num_hidden_layers"])  # fmt: skip
+    kv = MODEL["num_key_value_heads"] * (d // MODEL["num_attention_heads"])
+    pairs = batch * MODEL["num_experts_per_tok"]
+    return {
+        "experts": 2 * layers * pairs * 3 * d * f,
+        "attention": 2 * layers * batch * (d * d * 2 + 2 * d * kv),
+        "gates": 2 * layers * batch * e * d,
+        "lm_head": 2 * batch * MODEL["vocab_size"] * d,
+    }
+
+
+def roofline_ms(batch: int, read_gb_s: float, peak_gflops: float) -> dict[str, float]:
+    """A decode step's floor part by part: the longer of reading the part's weights and doing its
+    arithmetic at the machine's GEMM peak (one thread). Where a part's FLOPs per byte exceed the
+    machine's (peak over read rate), arithmetic, not memory, bounds it."""
+    flops, nbytes = decode_flops(batch), decode_bytes(batch)
+    parts = {k: max(nbytes[k] / read_gb_s / 1e6, flops[k] / peak_gflops / 1e6) for k in nbytes}
+    return {**{k: round(v, 3) for k, v in parts.items()}, "total": round(sum(parts.values()), 3)}
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """One thread's best n x n x n float32 GEMM, GFLOP/s: the machine's arithmetic peak here."""
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return round(2 * n**3 / best / 1e9, 1)
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def bandwidth_gb_s(mbytes: int = 400, repeats: int = 5) -> dict[str, float]:
     """One thread over a buffer far larger than any cache: bytes copied per second (each read
     once and written once, counted once) and bytes read per second (a sum: reads only, as a

@@ -13,7 +13,10 @@ KV cache reads and writes), gating and dispatch (softmax, top-k, balancer, group
 norms and activations, sampling, and the rest; the wall time outside operators is Python and
 scheduling. Prints the table and the floor (bytes the step must read over the single-thread read
 bandwidth measured in the same run; scripts/bench_peer.py `floor`), and the decode step over the
-floor with both measured in turns, `--rounds` times (the median and each round).
+floor with both measured in turns, `--rounds` times (the median and each round); and the same
+against the roofline floor, where each part of the step (experts, attention, gates, lm_head) costs
+the longer of reading its weights and doing its arithmetic at one thread's GEMM peak, measured in
+the same turns.
 """
 
 from __future__ import annotations
@@ -105,13 +108,20 @@ def step_over_floor(decode, batch: int, rounds: int, repeats: int) -> dict:
     moves between runs minutes apart (12.8-15.1 GB/s here), so a floor measured once, away from
     the steps, makes a noisy ratio."""
     total = sum(bench_peer.decode_bytes(batch).values())
-    ratios, rates = [], []
+    ratios, rates, roof, peaks = [], [], [], []
     for _ in range(rounds):
         step_ms = timed(decode, repeats)
         rate = bench_peer.bandwidth_gb_s(repeats=3)["read_gb_s"]
+        peak = bench_peer.gemm_peak_gflops()
         ratios.append(round(step_ms / (total / rate / 1e6), 3))
+        roof.append(round(step_ms / bench_peer.roofline_ms(batch, rate, peak)["total"], 3))
         rates.append(rate)
-    return {"median": statistics.median(ratios), "ratios": ratios, "read_gb_s": rates}
+        peaks.append(peak)
+    return {"median": statistics.median(ratios), "ratios": ratios, "read_gb_s": rates,
+            "roofline_median": statistics.median(roof), "roofline_ratios": roof,
+            "gemm_peak_gflops": peaks,
+            "roofline_ms": bench_peer.roofline_ms(batch, statistics.median(rates),
+                                                  statistics.median(peaks))}  # fmt: skip
 
 
 def main() -> None:
@@ -185,6 +195,11 @@ def main() -> None:
           f"{f['copy_gb_s']} GB/s copy rate); {report['machine']}")  # fmt: skip
     print(f"decode step / floor, {args.rounds} rounds of steps and the read rate in turns: median "
           f"{ratio['median']} (rounds {ratio['ratios']}; read GB/s {ratio['read_gb_s']})")  # fmt: skip
+    rf = ratio["roofline_ms"]
+    print(f"roofline floor (each part: the longer of reading its weights and its arithmetic at "
+          f"{statistics.median(ratio['gemm_peak_gflops'])} GFLOP/s, one thread's GEMM peak): "
+          f"{rf['total']} ms {rf}; decode step / roofline floor: median "
+          f"{ratio['roofline_median']} (rounds {ratio['roofline_ratios']})")  # fmt: skip
 
 
 if __name__ == "__main__":
