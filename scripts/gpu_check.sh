@@ -242,34 +242,25 @@ else
     record FAIL bench_moe_layer "rc $rc after $cases cases: $(tail -n 1 "$(err bench_moe_layer)")"
 fi
 
-# -- 4b. the whole model's forward pass against transformers' on the GPU (bf16) ------------------
-fwd="$out/bench_forward.json"
-say "scripts/bench_forward.py --device cuda --dtype bfloat16 --rounds 3 (at most ${bench_s} s) -> $fwd"
-start=$SECONDS
-timeout --kill-after=10 "$bench_s" "$py" scripts/bench_forward.py --device cuda --dtype bfloat16 \
-    --rounds 3 >"$fwd" 2>"$(err bench_forward)"
-rc=$?
-keep_err bench_forward
-cat "$fwd"
-if [ "$rc" = 0 ] && "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$fwd" 2>/dev/null; then
-    record PASS bench_forward "($((SECONDS - start)) s) -> $fwd"
-else
-    record FAIL bench_forward "rc $rc: $(tail -n 1 "$(err bench_forward)")"
-fi
-
-# -- 4c. the engine with decode steps as CUDA graphs and without (bf16, demo model) ---------------
-eng="$out/bench_engine.json"
-say "scripts/bench_engine.py --rounds 3 (at most ${bench_s} s) -> $eng"
-start=$SECONDS
-timeout --kill-after=10 "$bench_s" "$py" scripts/bench_engine.py --rounds 3 >"$eng" 2>"$(err bench_engine)"
-rc=$?
-keep_err bench_engine
-cat "$eng"
-if [ "$rc" = 0 ] && "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$eng" 2>/dev/null; then
-    record PASS bench_engine "($((SECONDS - start)) s) -> $eng"
-else
-    record FAIL bench_engine "rc $rc: $(tail -n 1 "$(err bench_engine)")"
-fi
+# -- 4b, 4c. the whole model against transformers' (bf16), and the engine with decode steps as CUDA
+# graphs and without: each prints one JSON object.
+json_bench() {  # STEP FILE SCRIPT [ARGS...]
+    local step="$1" file="$2" start=$SECONDS rc
+    shift 2
+    say "$* (at most ${bench_s} s) -> $file"
+    timeout --kill-after=10 "$bench_s" "$py" "$@" >"$file" 2>"$(err "$step")"
+    rc=$?
+    keep_err "$step"
+    cat "$file"
+    if [ "$rc" = 0 ] && "$py" -c 'import json, sys; json.load(open(sys.argv[1]))' "$file" 2>/dev/null; then
+        record PASS "$step" "($((SECONDS - start)) s) -> $file"
+    else
+        record FAIL "$step" "rc $rc: $(tail -n 1 "$(err "$step")")"
+    fi
+}
+json_bench bench_forward "$out/bench_forward.json" scripts/bench_forward.py --device cuda \
+    --dtype bfloat16 --rounds 3
+json_bench bench_engine "$out/bench_engine.json" scripts/bench_engine.py --rounds 3
 
 # -- 5. reference scripts ------------------------------------------------------------------------
 for ref in ${refs[@]+"${refs[@]}"}; do
