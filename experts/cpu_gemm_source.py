@@ -98,6 +98,16 @@ torch::Tensor unpack(torch::Tensor p, int64_t N) {  // inverse of pack: [N, K]
   return p.transpose(1, 2).reshape({NB * NR, K}).narrow(0, 0, N).contiguous();
 }
 
+// Whether blocks prefetch what streams next. Whether it pays depends on the machine (measured:
+// 30% faster on one, 1-6% slower on another), so experts/prefetch.py measures it at load.
+static bool g_prefetch = true;
+
+bool set_prefetch(bool on) {  // returns the setting it replaces
+  const bool was = g_prefetch;
+  g_prefetch = on;
+  return was;
+}
+
 // y [M, N] (row stride ldy) = x [M, K] @ W.T for the weight packed in p. `next`: the weight
 // the caller streams after this one, whose first block the last block pulls in meanwhile (else
 // each call would begin with a block that nothing fetched ahead).
@@ -108,10 +118,11 @@ static void mm_into(const torch::Tensor& x, const torch::Tensor& p, int64_t N, f
   if (M == 0) return;
   const float* xp = x.data_ptr<float>();
   const float* wp = p.data_ptr<float>();
+  const bool ahead = g_prefetch;
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       block_rows(xp, K, wp + b * K * NR, K, yp + b * NR, ldy, M, std::min<int64_t>(NR, N - b * NR),
-                 b + 1 < NB ? wp + (b + 1) * K * NR : next);
+                 !ahead ? nullptr : b + 1 < NB ? wp + (b + 1) * K * NR : next);
   });
 }
 

@@ -123,6 +123,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("unpack(Tensor p, int n) -> Tensor", &unpack);
   m.def("mm(Tensor x, Tensor p, int n) -> Tensor", &mm_op);
   m.def("threads_used(int n) -> int", &threads_used);
+  m.def("set_prefetch(bool on) -> bool", &set_prefetch);
   m.def("swiglu(Tensor x, int[] counts, Tensor[] w13, Tensor[] w2, int f) -> Tensor", &swiglu);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor pos, int window, "
         "float scale) -> Tensor", &decode_attention);
@@ -201,6 +202,12 @@ def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
 def mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     """x [M, K] float32 -> x @ w.T [M, N] for the weight w [N, K] packed in `packed`."""
     return _module().mm(x, packed, n)
+
+
+def set_prefetch(on: bool) -> bool:
+    """Whether `mm` and `swiglu` prefetch the weight that streams next (same results either way;
+    experts/prefetch.py measures which is faster here). Returns the setting it replaces."""
+    return _module().set_prefetch(on)
 
 
 def threads_used(n: int) -> int:

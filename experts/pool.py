@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from experts import prefetch
 from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertWeights, grouped_swiglu
 from experts.timing import ExpertTime
@@ -142,7 +143,9 @@ class LocalExpertPool:
             ExpertWeights.stack([ckpt.expert(layer, e, dtype) for e in range(c.num_local_experts)])
             for layer in range(c.num_hidden_layers)
         ]
-        return cls([w.to(device).packed_for_cpu() for w in layers])
+        packed = [w.to(device).packed_for_cpu() for w in layers]
+        prefetch.tune_once(packed[0])  # the kernel's prefetch, where it pays here
+        return cls(packed)
 
     def num_slots(self, layer: int) -> int:
         return self.layers[layer].num_experts

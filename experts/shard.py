@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import torch
 
+from experts import prefetch
 from experts.checkpoint import Checkpoint
 from experts.ffn import ExpertWeights, grouped_swiglu
 from experts.link import Link
@@ -88,6 +89,7 @@ class ExpertShard:
             w13 = torch.stack([t[0] for t in tensors]) if tensors else torch.empty(0)
             w2 = torch.stack([t[1] for t in tensors]) if tensors else torch.empty(0)
             layers.append(ExpertWeights(w13.to(self._device), w2.to(self._device)).packed_for_cpu())
+        prefetch.tune_once(layers[0])  # the kernel's prefetch, where it pays here
         with self._lock:
             self._versions[version] = layers
             self._experts[version] = [list(x) for x in layer_experts]

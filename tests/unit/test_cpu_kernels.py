@@ -180,3 +180,45 @@ def test_kv_write_is_index_put_and_refuses_outside_the_cache():
         with pytest.raises(RuntimeError, match="outside the cache"):
             cpu_kernels.kv_write(cache, torch.tensor(bad_slots), torch.tensor(bad_positions), src)
     assert torch.equal(cache, want)  # refused before writing anything
+
+
+def test_prefetch_changes_no_result_and_is_set_by_measuring():
+    # Prefetching is a hint: with it and without, the same bits. `tune` leaves the process on
+    # the setting it measured as faster, and says which.
+    from experts import prefetch
+    from experts.ffn import ExpertWeights
+
+    g = torch.Generator().manual_seed(1)
+    d, f, counts = 64, 160, [4, 2, 0, 5]
+    weights = ExpertWeights.stack(
+        [tuple(torch.randn(*s, generator=g) for s in ((f, d), (f, d), (d, f))) for _ in counts]
+    ).packed_for_cpu()
+    w13, w2 = [p[0].packed for p in weights.packed], [p[1].packed for p in weights.packed]
+    x = torch.randn(sum(counts), d, generator=g)
+    was = cpu_kernels.set_prefetch(True)
+    try:
+        with_it = cpu_kernels.swiglu(x, counts, w13, w2, f)
+        mm_with_it = cpu_kernels.mm(x, w13[0], 2 * f)
+        assert cpu_kernels.set_prefetch(False) is True
+        assert torch.equal(cpu_kernels.swiglu(x, counts, w13, w2, f), with_it)
+        assert torch.equal(cpu_kernels.mm(x, w13[0], 2 * f), mm_with_it)
+        kept = prefetch.tune(weights, calls=1)
+        assert kept in (True, False) and cpu_kernels.set_prefetch(kept) is kept
+        assert prefetch.tune(ExpertWeights(torch.zeros(0), torch.zeros(0))) is None  # unpacked
+    finally:
+        cpu_kernels.set_prefetch(was)
+
+
+@pytest.mark.parametrize(
+    ("with_s", "without_s", "keep"),
+    [
+        ([1.0] * 7, [0.9] * 7, False),  # without wins every turn, by 10%: drop it
+        ([1.0] * 7, [0.99] * 7, True),  # wins every turn, by 1%: not worth the risk
+        ([1.0] * 7, [0.9] * 3 + [1.1] * 4, True),  # wins only 3 of 7 turns
+        ([1.0] * 7, [1.2] * 7, True),  # with it is faster
+    ],
+)
+def test_prefetch_is_dropped_only_when_clearly_slower(with_s, without_s, keep):
+    from experts.prefetch import prefetch_pays
+
+    assert prefetch_pays(with_s, without_s) is keep
