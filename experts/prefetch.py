@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 PAIRS = 7  # turns of (with, without): a majority of them must agree
 MIN_GAIN = 0.03  # going without must save at least this share of the median time
+# Weights timed per call: past any last-level cache (so they stream from memory, as in a decode
+# step), and no more, so that a large model's load does not pay for reading whole layers.
+STREAM_BYTES = 96 << 20
 
 
 def prefetch_pays(with_s: list[float], without_s: list[float]) -> bool:
@@ -43,7 +46,9 @@ def tune(weights: ExpertWeights, rows_per_expert: int = 4, calls: int = 4) -> bo
     w13 = [p[0].packed for p in weights.packed]
     w2 = [p[1].packed for p in weights.packed]
     d, f = weights.packed[0][0].in_features, weights.packed[0][1].in_features
-    counts = [rows_per_expert] * len(w13)
+    per_expert = 3 * d * f * 4  # float32 bytes of w1, w3 and w2
+    used = min(len(w13), -(-STREAM_BYTES // per_expert))  # experts with rows; the rest skipped
+    counts = [rows_per_expert] * used + [0] * (len(w13) - used)
     x = torch.randn(sum(counts), d, generator=torch.Generator().manual_seed(0))
 
     def seconds(on: bool) -> float:
