@@ -112,39 +112,32 @@ def word_level(vocab: int):
 # -- the floor -------------------------------------------------------------------------------
 
 
-def decode_bytes(batch: int = 16) -> dict[str, int]:
-    """fp32 bytes one decode step reads at `batch` rows: every expert (batch x top-2 pairs over
-    8 experts touch them all), attention, gates, norms, lm_head."""
-    d, f, e, layers = (
-        MODEL["hidden_size"],
-        MODEL["intermediate_size"],
-        8,
-        MODEL["num_hidden_layers"],
-    )
-    head = d // MODEL["num_attention_heads"]
-    kv = MODEL["num_key_value_heads"] * head
-    touched = min(e, batch * MODEL["num_experts_per_tok"])
-    return {
-        "experts": 4 * layers * touched * 3 * d * f,
-        "attention": 4 * layers * (d * d * 2 + 2 * d * kv),
-        "gates": 4 * layers * e * d,
-        "lm_head": 4 * MODEL["vocab_size"] * d,
-    }
-
-
-def decode_flops(batch: int = 16) -> dict[str, int]:
-    """FLOPs of the weight products one decode step runs at `batch` rows, part by part as
-    `decode_bytes` counts their bytes (2 per multiply-add; attention over the cache left out)."""
+def decode_weights(batch: int = 16) -> dict[str, tuple[int, float]]:
+    """Per part of a decode step at `batch` rows: (fp32 weight elements it reads, rows each of
+    them multiplies). Every expert is read (batch x top-2 pairs over 8 experts touch them all),
+    each by its share of the pairs; attention, gates and lm_head by every row."""
     d, f, e, layers = (MODEL["hidden_size"], MODEL["intermediate_size"], 8,
                        MODEL["num_hidden_layers"])  # fmt: skip
     kv = MODEL["num_key_value_heads"] * (d // MODEL["num_attention_heads"])
     pairs = batch * MODEL["num_experts_per_tok"]
+    touched = min(e, pairs)
     return {
-        "experts": 2 * layers * pairs * 3 * d * f,
-        "attention": 2 * layers * batch * (d * d * 2 + 2 * d * kv),
-        "gates": 2 * layers * batch * e * d,
-        "lm_head": 2 * batch * MODEL["vocab_size"] * d,
+        "experts": (layers * touched * 3 * d * f, pairs / touched),
+        "attention": (layers * (d * d * 2 + 2 * d * kv), batch),
+        "gates": (layers * e * d, batch),
+        "lm_head": (MODEL["vocab_size"] * d, batch),
     }
+
+
+def decode_bytes(batch: int = 16) -> dict[str, int]:
+    """fp32 bytes one decode step reads at `batch` rows, part by part (`decode_weights`)."""
+    return {k: 4 * n for k, (n, _) in decode_weights(batch).items()}
+
+
+def decode_flops(batch: int = 16) -> dict[str, int]:
+    """FLOPs of the weight products one decode step runs at `batch` rows, part by part (2 per
+    multiply-add; attention over the cache left out)."""
+    return {k: round(2 * n * rows) for k, (n, rows) in decode_weights(batch).items()}
 
 
 def roofline_ms(batch: int, read_gb_s: float, peak_gflops: float) -> dict[str, float]:
@@ -156,21 +149,13 @@ def roofline_ms(batch: int, read_gb_s: float, peak_gflops: float) -> dict[str, f
     return {**{k: round(v, 3) for k, v in parts.items()}, "total": round(sum(parts.values()), 3)}
 
 
-def gemm_peak_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """One thread's best n x n x n float32 GEMM, GFLOP/s: the machine's arithmetic peak here."""
+def gemm_peak_gflops() -> float:
+    """One thread's float32 GEMM peak, GFLOP/s (scripts/bench_forward.py `gemm_peak`)."""
     import torch
+    from bench_forward import gemm_peak
 
     torch.set_num_threads(1)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
-    return round(2 * n**3 / best / 1e9, 1)
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return round(gemm_peak("cpu", torch.float32, rounds=3) / 1e9, 1)
 
 
 def bandwidth_gb_s(mbytes: int = 400, repeats: int = 5) -> dict[str, float]:
