@@ -28,6 +28,9 @@ from ray.exceptions import GetTimeoutError, RayError
 from experts import link
 from experts.pool import ExpertUnavailableError
 from experts.shard import from_numpy, to_numpy
+from experts.timing import ExpertTime
+from router.dispatch import Dispatch
+from router.gating import Gating
 from router.placement import Placement, live_slots
 
 log = logging.getLogger(__name__)
@@ -317,3 +320,56 @@ class InFlight:
                 return y
             self.calls = self.fanout._plain(self)
         return self.fanout._plain_result(self)
+
+
+class FansOut:
+    """The ExpertPool calls of a pool whose layers fan out to ExpertShard actors: the Ray pool
+    that owns its shards (experts/ray_pool.py) and an engine's view of shards another owns
+    (experts/shared_pool.py). Uses the pool's balancer, fanout, shards, dead set, version."""
+
+    overlaps = True  # start() returns while the shards compute
+    drops = True  # the balancer's overflow policy may be "drop"
+    idle = None  # experts/idle.py IdleRelease, where the pool releases a compiled graph
+
+    def num_slots(self, layer: int) -> int:
+        return self.balancer.placement(layer).num_slots
+
+    def assign(self, layer: int, gating: Gating) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.balancer.assign(layer, gating.experts, gating.weights, gating.probs)
+        return a.slots, a.weights
+
+    def step_time(self) -> ExpertTime:
+        """What the compute calls measured since the last call (then starts afresh)."""
+        times, self._times = self._times, ExpertTime()
+        return times
+
+    def start(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> Timed:
+        """x [N, D] grouped by slot -> (later) [N, D]; one concurrent call per shard with rows,
+        sent now; the caller may compute something else before it asks for the result."""
+        began = time.perf_counter()
+        if self.idle is not None:
+            self.idle.touch()  # after an idle release: plain calls now, compiling again
+        shard_s = [0.0] * self.num_shards  # each shard's own compute time in this layer
+        # Host row counts: they travel as numpy (the model may be on a GPU).
+        job = self.fanout.start(self.shards, self._dead, self.version, layer,
+                                self.balancer.placement(layer), x, dispatch.counts.cpu(),
+                                shard_s)  # fmt: skip
+        return Timed(job, began, shard_s, self._times if self.timing else None)
+
+
+class Timed:
+    """A fan-out in flight that, when its result is taken, records the layer for the step
+    accounting: the round trip from sending to the result, and how much of it the caller spent
+    waiting (all of it but the time it computed something else between sending and asking)."""
+
+    def __init__(self, job: InFlight, began: float, shard_s: list[float], times) -> None:
+        self.job, self.began, self.shard_s, self.times = job, began, shard_s, times
+        self.sent = time.perf_counter()
+
+    def result(self) -> torch.Tensor:
+        asked = time.perf_counter()
+        y = self.job.result()
+        if self.times is not None:
+            round_trip = time.perf_counter() - self.began
+            self.times.add_layer(round_trip, self.shard_s, round_trip - (asked - self.sent))
+        return y

@@ -36,15 +36,12 @@ import torch
 
 from experts import shard as plain_shard
 from experts.checkpoint import MixtralConfig
-from experts.fanout import CompiledGraph, Fanout, InFlight, LinkedGraph
+from experts.fanout import CompiledGraph, Fanout, FansOut, LinkedGraph
 from experts.idle import IdleRelease
 from experts.link import GRAPHS, TRANSPORTS, resolve_transport
-from experts.pool import Pending
 from experts.shard_resources import DEFAULT_PLACEMENT_TIMEOUT_S, ShardResources, wait_for_room
 from experts.timing import ExpertTime
 from router.balancer import ExpertLoadBalancer
-from router.dispatch import Dispatch
-from router.gating import Gating
 from router.placement import Placement, initial_placement, place_layers
 
 log = logging.getLogger(__name__)
@@ -79,11 +76,8 @@ def ensure_ray() -> None:
         ray.init(address=address, include_dashboard=False, configure_logging=False)
 
 
-class RayExpertPool:
+class RayExpertPool(FansOut):
     """Experts of every layer on `num_shards` ExpertShard actors, `redundant` extra copies."""
-
-    overlaps = True  # start() returns while the shards compute
-    drops = True  # the balancer's overflow policy may be "drop"
 
     def __init__(
         self,
@@ -147,33 +141,8 @@ class RayExpertPool:
 
     # -- the ExpertPool interface ----------------------------------------------------------------
 
-    def num_slots(self, layer: int) -> int:
-        return self.balancer.placement(layer).num_slots
-
     def begin_step(self) -> None:
         self._switch_if_ready()  # between two steps: every layer of a step sees one version
-
-    def assign(self, layer: int, gating: Gating) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.balancer.assign(layer, gating.experts, gating.weights, gating.probs)
-        return a.slots, a.weights
-
-    def step_time(self) -> ExpertTime:
-        """What the compute calls measured since the last call (then starts afresh)."""
-        times, self._times = self._times, ExpertTime()
-        return times
-
-    def start(self, layer: int, x: torch.Tensor, dispatch: Dispatch) -> Pending:
-        """x [N, D] grouped by slot -> (later) [N, D]; one concurrent call per shard with rows,
-        sent now; the caller may compute something else before it asks for the result."""
-        began = time.perf_counter()
-        if self.idle is not None:
-            self.idle.touch()  # after an idle release: plain calls now, compiling again
-        shard_s = [0.0] * self.num_shards  # each shard's own compute time in this layer
-        # Host row counts: they travel as numpy (the model may be on a GPU).
-        job = self.fanout.start(self.shards, self._dead, self.version, layer,
-                                self.balancer.placement(layer), x, dispatch.counts.cpu(),
-                                shard_s)  # fmt: skip
-        return _Timed(job, began, shard_s, self._times if self.timing else None)
 
     def _compile(self) -> None:
         """Compile the fan-out over the current actors; any failure leaves plain calls in
@@ -312,7 +281,7 @@ class RayExpertPool:
                 raise RuntimeError("a shard is down; reconfigure after it is replaced")
             experts = self.config.num_local_experts
             redundant = min(self.redundant, experts * (num_shards - 1))
-            placements = place_layers(self.balancer.tokens_per_expert(), num_shards, redundant)
+            placements = place_layers(self.load_window(), num_shards, redundant)
             base = list(self.shards)
             self._wait_for_room(num_shards - len(base))
             actors = base[:num_shards] + [
@@ -350,14 +319,23 @@ class RayExpertPool:
         self.nodes = nodes
         self.version = version
         self.events.append(f"switched to placement version {version} on {len(actors)} shards")
-        for actor in self.shards:
-            actor.free.remote(old)  # fire and forget: nothing waits on freeing
-        for actor in removed:
-            ray.kill(actor)  # drained: no batch can reach it any more
+        self._retire(old, removed)
         if resized:  # the graph names its actors: rebuild it over the new set
             self.fanout.set_graph(None)
             if self.transport in GRAPHS:
                 threading.Thread(target=self._compile, daemon=True).start()
+
+    def load_window(self) -> torch.Tensor:
+        """[L, E] tokens per expert, recent: what a new placement is computed from."""
+        return self.balancer.tokens_per_expert()
+
+    def _retire(self, old: int, removed: list) -> None:
+        """After a switch: free the old version on every shard, stop the removed ones (drained:
+        no batch can reach them any more, every batch runs on the forward thread)."""
+        for actor in self.shards:
+            actor.free.remote(old)  # fire and forget: nothing waits on freeing
+        for actor in removed:
+            ray.kill(actor)
 
     def _release_idle(self) -> bool:
         """Tear the compiled graph down while no layer comes (its actors would poll, a core
@@ -380,21 +358,3 @@ class RayExpertPool:
                 ray.kill(actor)
             except Exception:
                 pass
-
-
-class _Timed:
-    """A fan-out in flight that, when its result is taken, records the layer for the step
-    accounting: the round trip from sending to the result, and how much of it the caller spent
-    waiting (all of it but the time it computed something else between sending and asking)."""
-
-    def __init__(self, job: InFlight, began: float, shard_s: list[float], times) -> None:
-        self.job, self.began, self.shard_s, self.times = job, began, shard_s, times
-        self.sent = time.perf_counter()
-
-    def result(self) -> torch.Tensor:
-        asked = time.perf_counter()
-        y = self.job.result()
-        if self.times is not None:
-            round_trip = time.perf_counter() - self.began
-            self.times.add_layer(round_trip, self.shard_s, round_trip - (asked - self.sent))
-        return y
