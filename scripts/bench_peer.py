@@ -16,7 +16,8 @@
                   and a 2 GiB KV cache as vLLM's CPU docs advise. On a CUDA machine: vLLM's GPU
                   build, bf16.
      moe          `moe-serve up`, experts in the engine's process.
-     moe-shards2  `moe-serve up --expert-shards 2`.
+     moe-shards2  `moe-serve up --expert-shards 2`; likewise moe-engines2 (`--engine-replicas
+                  2`) and moe-engines2-shards2 (both).
 4. Prints the table (output tokens/ms, mean TTFT, mean TPOT, each system over vLLM) and the floor,
    or with --json one JSON object. Results are only comparable inside one run: the machine is
    shared and noisy. With --rounds N every system runs N times, the order reversed every other
@@ -249,8 +250,10 @@ def server_command(system: str, ckpt: Path, port: int) -> tuple[list, dict]:
            str(ckpt), "--port", str(port), "--metrics-port", str(port + 1)]  # fmt: skip
     if gpu:
         cmd += ["--dtype", "bfloat16", "--device", "cuda:0"]
-    if system == "moe-shards2":
-        cmd += ["--expert-shards", "2"]
+    flags = {"shards": "--expert-shards", "engines": "--engine-replicas"}
+    for part in system.split("-")[1:]:  # moe-shards2, moe-engines2, moe-engines2-shards2
+        name = part.rstrip("0123456789")
+        cmd += [flags[name], part[len(name) :]]
     return cmd, env
 
 

@@ -201,6 +201,11 @@ class ServeConfig(BaseModel):
     torch_threads: int = Field(0, ge=0)
     expert_shards: int = Field(0, ge=0)
     redundant_experts: int = Field(0, ge=0)
+    # Engines (attention, KV cache, scheduler: one Serve deployment each). With expert_shards they
+    # share one set of shards, held by the ExpertShards deployment and reached with plain actor
+    # calls (an actor runs one compiled graph at a time: ARCHITECTURE.md section 7); without, each
+    # holds every expert. An ingress sends each request to the engine with fewest in flight.
+    engine_replicas: int = Field(1, ge=1)
     # Seconds one call to an ExpertShard may take before its shard counts as failed (hung) and is
     # replaced; its rows then go to surviving copies. Only used with expert_shards > 0.
     expert_call_timeout_s: float = Field(30.0, gt=0)
@@ -216,6 +221,9 @@ class ServeConfig(BaseModel):
     # node with the expert shards by chance, so losing a shard's node costs no request. None: Ray
     # places them. ExpertShards spread one per node where possible either way.
     engine_resource: str | None = Field(None, min_length=1)
+    # The same for the HTTP ingress alone (None: engine_resource's nodes): e.g. the head node,
+    # apart from several engines' nodes, so that losing an engine's node loses no ingress.
+    ingress_resource: str | None = Field(None, min_length=1)
     # The Ray cluster runs an autoscaler (`ray up`, KubeRay): the controller may scale out beyond
     # the resources free now, since the new shard's reservation makes the autoscaler start a node
     # (waited for up to placement_timeout_s). Off: only where a node has room already.
@@ -260,6 +268,16 @@ class ServeConfig(BaseModel):
             if getattr(self, field) != default:
                 value = getattr(self, field)
                 raise ValueError(f"{field}: {value!r} needs expert_shards > 0 (in process {why})")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_shards_take_plain_calls(self) -> ServeConfig:
+        shared = self.engine_replicas > 1 and self.expert_shards
+        if shared and self.expert_transport not in ("auto", "plain"):
+            raise ValueError(
+                f"expert_transport: {self.expert_transport!r} cannot be used with "
+                "engine_replicas > 1 (engines sharing the shards reach them with plain calls)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -1,10 +1,12 @@
-"""The Ray Serve application: an HTTP ingress deployment in front of the engine deployment.
+"""The Ray Serve application: an HTTP ingress deployment in front of the engine deployments.
 
     HTTP -> Ingress (FastAPI: auth, limits, validation, tokenization, SSE)
          -> Engine (scheduler: continuous batching over the KV cache; the model, whose experts
-            live in-process or on ExpertShard actors)
-Each request is one `Engine.submit` call; its events come back on the one stream each ingress
-replica keeps open to the engine (serving/api/streams.py), one message per step for all of them.
+            live in-process or on ExpertShard actors), `engine_replicas` of them
+            (-> ExpertShards, serving/api/shared_shards.py, when several engines share shards)
+Each request is one `Engine.submit` call to the engine with fewest of the ingress's requests in
+flight; its events come back on the one stream each ingress replica keeps open to each engine
+(serving/api/streams.py), one message per step for all of them.
 
 `build_app` is the builder Ray Serve's own tools call (`serve run configs/serve.yaml`, or
 `serve run serving.api.app:build_app model=DIR`); `moe-serve up` calls `application`.
@@ -24,7 +26,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from experts.pool import ElasticPool
-from serving.api.streams import Batch, EngineStreams, IngressStreams
+from serving.api.streams import Batch, EngineChoice, EngineStreams, IngressStreams
 from serving.config import ServeConfig, config_from_args
 from serving.engine.requests import Admission, Job
 from serving.errors import UserError
@@ -70,12 +72,16 @@ def expert_options(config: ServeConfig) -> dict[str, int]:
     return extra
 
 
-def load_serving_model(config: ServeConfig):
+def torch_dtype(config: ServeConfig):
     import torch
 
-    from serving.engine.load import load_model
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        config.dtype
+    ]
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def pool_options(config: ServeConfig) -> dict:
+    """load_model's expert options for the deployment (nothing without shards)."""
     options: dict = expert_options(config)
     if config.expert_shards:
         options["call_timeout_s"] = config.expert_call_timeout_s  # RayExpertPool's hang bound
@@ -86,12 +92,25 @@ def load_serving_model(config: ServeConfig):
             shard_gpus=config.shard_gpus,
             placement_timeout_s=config.placement_timeout_s,
         )
-    return load_model(
-        model_dir(config),
-        dtype=dtypes[config.dtype],
-        device=config.device,
-        **options,
-    )
+    return options
+
+
+def load_serving_model(config: ServeConfig, owner: DeploymentHandle | None = None):
+    """The engine's model; with `owner` its experts are on the ExpertShards deployment's shards."""
+    from serving.engine.load import load_model
+
+    options = pool_options(config)
+    if owner is not None:
+        from serving.api.shared_shards import OwnerHandle
+
+        options["shard_owner"] = OwnerHandle(owner, config.placement_timeout_s)
+    return load_model(model_dir(config), dtype=torch_dtype(config), device=config.device,
+                      **options)  # fmt: skip
+
+
+def engine_names(config: ServeConfig) -> list[str]:
+    """The Engine deployments: "Engine", then "Engine-1", ... (the controller's is the first)."""
+    return ["Engine"] + [f"Engine-{i}" for i in range(1, config.engine_replicas)]
 
 
 @serve.deployment(name="Engine")
@@ -102,7 +121,9 @@ class Engine:
     it (serving/control/controller_app.py), as configured by `config.monitoring`.
     """
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(
+        self, config: ServeConfig, first: bool = True, owner: DeploymentHandle | None = None
+    ) -> None:
         import torch
 
         from serving.control.controller_app import deployment_plan
@@ -110,8 +131,8 @@ class Engine:
         from serving.engine.scheduler import Scheduler
         from serving.engine.tokenizer import TextTokenizer
 
-        torch.set_num_threads(config.torch_threads or max(1, (os.cpu_count() or 1) - 1))
-        model = load_serving_model(config)
+        torch.set_num_threads(config.torch_threads or default_threads(config))
+        model = load_serving_model(config, owner)
         model.split_min_tokens = config.micro_batch_min_tokens
         # With shards the model's pool is the Ray pool: handed to whoever operates it.
         self.pool: ElasticPool | None = model.pool if config.expert_shards else None
@@ -135,7 +156,8 @@ class Engine:
         self.streams = EngineStreams(self.scheduler)
         self._closing: asyncio.Task | None = None  # closes the streams once drained
         self._monitor_task: asyncio.Task | None = None
-        controller = config.monitoring.controller
+        # The first engine starts the controller; it reads and acts on every engine.
+        controller = config.monitoring.controller and first
         self.controller = _start_controller(config, plan) if controller else None
 
     def _ensure_monitor(self) -> None:
@@ -226,10 +248,10 @@ class Engine:
 class Ingress:
     """The HTTP front: builds the FastAPI app once the replica knows its engine."""
 
-    def __init__(self, engine: DeploymentHandle, config: ServeConfig) -> None:
+    def __init__(self, engines: list[DeploymentHandle], config: ServeConfig) -> None:
         from serving.api.model_info import ModelInfo
 
-        self.engine = engine
+        self.engines = engines
         self.config = config
         path = model_dir(config)
         named = config.model_copy(update={"served_model_name": served_name(config)})
@@ -238,18 +260,40 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from serving.api.ingress import build_api
 
-        streams = IngressStreams(
-            submit=lambda job, stream, request: self.engine.submit.remote(job, stream, request),
-            open_stream=lambda stream: self.engine.options(stream=True).stream.remote(stream),
-            cancel=lambda request: self.engine.cancel.remote(request),
-        )
+        streams = EngineChoice([_streams(engine) for engine in self.engines])
         return build_api(streams.generate, self._stats, self.info, self.config, self._status)
 
     async def _stats(self) -> dict:
-        return await self.engine.stats.remote()
+        """One engine's stats; with several, their totals and each one's under `engines`."""
+        each = [await engine.stats.remote() for engine in self.engines]
+        return each[0] if len(each) == 1 else total_stats(each)
 
     async def _status(self) -> dict:
-        return await self.engine.status.remote()
+        """The first engine's status (the controller's view covers every engine)."""
+        status = await self.engines[0].status.remote()
+        return status | {"engine_replicas": len(self.engines)}
+
+
+def _streams(engine: DeploymentHandle) -> IngressStreams:
+    return IngressStreams(
+        submit=lambda job, stream, request: engine.submit.remote(job, stream, request),
+        open_stream=lambda stream: engine.options(stream=True).stream.remote(stream),
+        cancel=lambda request: engine.cancel.remote(request),
+    )
+
+
+def total_stats(each: list[dict]) -> dict:
+    """Engines' stats summed (counts, slots, tokens; a flag if any has it), each under `engines`."""
+    total: dict = {}
+    for key, value in each[0].items():
+        values = [e[key] for e in each]
+        total[key] = any(values) if isinstance(value, bool) else sum(values)
+    return total | {"engines": each}
+
+
+def default_threads(config: ServeConfig) -> int:
+    """Every core but one (the HTTP proxy's and the ingress's), shared by the engines."""
+    return max(1, ((os.cpu_count() or 1) - 1) // config.engine_replicas)
 
 
 def _metrics():
@@ -276,7 +320,10 @@ def _start_controller(config: ServeConfig, plan):
     from serving.control.controller_app import controller_config, start_app_controller
 
     app_name = serve.get_replica_context().app_name
-    return start_app_controller(controller_config(config, plan), app_name)
+    gpus = 1 if config.device.startswith("cuda") else 0
+    return start_app_controller(
+        controller_config(config, plan), app_name, engine_names(config), engine_gpus=gpus
+    )
 
 
 def engine_env(config: ServeConfig) -> dict:
@@ -297,13 +344,26 @@ def application(config: ServeConfig) -> Application:
     # On the nodes marked for them (config.engine_resource), asking for a sliver of the marker:
     # any number of replicas fit, and none lands on a shard's node by chance.
     pinned = {"resources": {config.engine_resource: 0.001}} if config.engine_resource else {}
-    engine = Engine.options(
-        # Ray Serve's default of 5 would cap the batch (ARCHITECTURE.md section 7); our own
-        # scheduler queue bounds the work, so the engine takes everything the ingress sends.
-        max_ongoing_requests=ongoing,
-        ray_actor_options={"num_cpus": 0, "num_gpus": gpu} | pinned | engine_env(config),
-        graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
-    ).bind(config)
+    engine_pin = {"resources": {config.engine_resource: engine_share(config)}} if pinned else {}
+    if config.ingress_resource:
+        pinned = {"resources": {config.ingress_resource: 0.001}}
+    from serving.api.shared_shards import ExpertShards
+
+    shared = config.expert_shards and config.engine_replicas > 1
+    # The shards are the owner's actors and die with its process: it sits with the ingress.
+    owner_options = {"ray_actor_options": {"num_cpus": 0} | pinned}
+    owner = ExpertShards.options(**owner_options).bind(config) if shared else None
+    engines = [
+        Engine.options(
+            name=name,
+            # Ray Serve's default of 5 would cap the batch (ARCHITECTURE.md section 7); our own
+            # scheduler queue bounds the work, so the engine takes everything the ingress sends.
+            max_ongoing_requests=ongoing,
+            ray_actor_options={"num_cpus": 0, "num_gpus": gpu} | engine_pin | engine_env(config),
+            graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
+        ).bind(config, i == 0, owner)
+        for i, name in enumerate(engine_names(config))
+    ]
     return Ingress.options(
         max_ongoing_requests=ongoing,
         # Beyond that the proxy queues, bounded too: 503 with Retry-After, as our own queue does.
@@ -311,7 +371,18 @@ def application(config: ServeConfig) -> Application:
         backpressure_config={"status_code": 503, "retry_after_s": config.limits.retry_after_s},
         ray_actor_options={"num_cpus": 0} | pinned,
         graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
-    ).bind(engine, config)
+    ).bind(engines, config)
+
+
+def engine_share(config: ServeConfig) -> float:
+    """How much of the engine_resource marker an engine asks for. Several engines take almost a
+    whole unit each, so a node advertising N units holds at most N of them: marked with 1 each,
+    engines land on different nodes (losing one node loses one engine), and the ingress's sliver
+    still fits beside one. One engine takes a sliver, like the ingress."""
+    return ENGINE_SHARE if config.engine_replicas > 1 else 0.001
+
+
+ENGINE_SHARE = 0.99
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -31,8 +31,9 @@ from serving.engine.requests import Admission, Event, Job
 from serving.engine.sampling import ContextTooLong, SamplingParams, check_context
 from serving.errors import UserError
 
-# generate(job) -> an Admission, then batches of events; stats() -> scheduler numbers.
-Generate = Callable[[Job], AsyncIterator[Admission | list[Event]]]
+# generate(job, streamed) -> an Admission, then batches of events (streamed: the client sees
+# them as they come; else only the whole answer); stats() -> scheduler numbers.
+Generate = Callable[[Job, bool], AsyncIterator[Admission | list[Event]]]
 Stats = Callable[[], Awaitable[dict]]
 
 
@@ -156,7 +157,7 @@ class _Context:
         if req.echo and req.logprobs is not None:
             raise p.ApiError(400, "echo with logprobs is not supported", param="echo")
         job = self._job(req, ids, req.max_tokens or 16, "prompt", req.logprobs)
-        events = await self._admit(job)
+        events = await self._admit(job, req.stream)
         rid = p.new_id("cmpl")
         echo = (prompt_text if prompt_text is not None else self._decode(ids)) if req.echo else ""
         out = Output(self.info, len(ids), echo, self.config.limits.retry_after_s)
@@ -178,7 +179,7 @@ class _Context:
         limit = req.token_limit or max(1, self.info.context - len(ids))
         top = (req.top_logprobs or 0) if req.logprobs else None
         job = self._job(req, ids, limit, "messages", top)
-        events = await self._admit(job)
+        events = await self._admit(job, req.stream)
         rid = p.new_id("chatcmpl")
         out = Output(self.info, len(ids), retry_after_s=self.config.limits.retry_after_s)
         if req.stream:
@@ -226,13 +227,13 @@ class _Context:
         )
         return Job(tuple(ids), params, tuple(req.stop), logprobs)
 
-    async def _admit(self, job: Job) -> AsyncIterator[list[Event]]:
+    async def _admit(self, job: Job, streamed: bool) -> AsyncIterator[list[Event]]:
         """Start the job; a full queue answers 503 with Retry-After before anything is sent."""
         if self.in_flight >= self.capacity:
             raise self._busy(f"{self.in_flight} requests in flight, the queue is full")
         lease = _Lease(self)
         try:
-            events = aiter(self.generate(job))
+            events = aiter(self.generate(job, streamed))
             first = await anext(events)
         except BaseException:
             lease.release()

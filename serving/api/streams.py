@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,6 +38,11 @@ from serving.engine.scheduler import QueueFull, Scheduler
 log = logging.getLogger(__name__)
 
 Batch = list[tuple[str, list[Event]]]  # (request id, its new events), every request with news
+# EngineChoice: an engine that has not admitted or refused a request by then is taken as down
+# (its replica died: Serve's handle would hold the request until another replica is up), and
+# goes last in the order for DOWN_S.
+ADMISSION_TIMEOUT_S = 3.0
+DOWN_S = 30.0
 
 
 class EngineStreams:
@@ -143,8 +149,11 @@ class IngressStreams:
         for inbox in list(self._inboxes.values()):
             inbox.put_nowait([lost])
 
-    async def generate(self, job: Job) -> AsyncIterator[Admission | list[Event]]:
-        """What the ingress's routes consume (serving/api/ingress.py Generate)."""
+    async def generate(
+        self, job: Job, streamed: bool = True
+    ) -> AsyncIterator[Admission | list[Event]]:
+        """What the ingress's routes consume (serving/api/ingress.py Generate); one engine sends
+        events the same way, streamed or not."""
         stream, request = self._ensure_reader(), uuid.uuid4().hex
         inbox: asyncio.Queue[list[Event]] = asyncio.Queue()
         self._inboxes[request] = inbox  # before submitting: no event can arrive unclaimed
@@ -164,3 +173,112 @@ class IngressStreams:
             if not finished:
                 with contextlib.suppress(Exception):
                     contextvars.Context().run(self._cancel, request)
+
+
+class EngineChoice:
+    """Several engines behind one ingress (config.engine_replicas), each with its own stream: a
+    request goes to the engine with the fewest of this ingress's requests in flight (ties in
+    turn). One that cannot take it, full (503) or unreachable (its replica died), passes it to
+    the next; so does one that fails with an error worth retrying (its stream broke: the replica
+    died) before the client saw a token: a streamed request's first, or any of a request
+    answered whole (its events are held until it ends). The client sees one admission and one
+    answer; the last engine's stands."""
+
+    def __init__(
+        self,
+        engines: list[IngressStreams],
+        admission_timeout_s: float = ADMISSION_TIMEOUT_S,
+        down_s: float = DOWN_S,
+    ) -> None:
+        self.engines = engines
+        self.admission_timeout_s, self.down_s = admission_timeout_s, down_s
+        self.in_flight = [0] * len(engines)
+        self.down_until = [0.0] * len(engines)  # monotonic time until which an engine goes last
+        self._turn = 0
+
+    def _order(self) -> list[int]:
+        n, now = len(self.engines), time.monotonic()
+        self._turn = (self._turn + 1) % n
+        return sorted(
+            range(n),
+            key=lambda i: (self.down_until[i] > now, self.in_flight[i], (i - self._turn) % n),
+        )
+
+    def _down(self, i: int) -> None:
+        self.down_until[i] = time.monotonic() + self.down_s
+
+    async def generate(
+        self, job: Job, streamed: bool = True
+    ) -> AsyncIterator[Admission | list[Event]]:
+        order, admitted = self._order(), False
+        for tried, i in enumerate(order, 1):
+            last = tried == len(order)
+            self.in_flight[i] += 1
+            attempt = self._attempt(i, job, last, admitted, streamed)
+            try:
+                async for item in attempt:
+                    if isinstance(item, Admission):
+                        if not item.admitted or not admitted:
+                            yield item  # the client's one admission (or the final refusal)
+                        admitted = admitted or item.admitted
+                    elif item is _NEXT:
+                        break
+                    else:
+                        yield item
+                else:
+                    return
+            finally:
+                await attempt.aclose()  # an async generator left by `break` is not closed
+                self.in_flight[i] -= 1
+
+    async def _attempt(self, i: int, job: Job, last: bool, admitted: bool, streamed: bool):
+        """Engine i's try: its admission and events, or _NEXT to try the next engine. Only the
+        last engine tried may take as long as it needs to admit (a Serve handle waits for a
+        replica that is gone until Serve has started another)."""
+        events = self.engines[i].generate(job)
+        try:
+            try:
+                timeout = None if last else self.admission_timeout_s
+                admission = await asyncio.wait_for(anext(events), timeout)
+            except Exception as exc:
+                self._down(i)
+                if not last:
+                    log.warning("an engine did not take a request (%s); trying another", exc)
+                    yield _NEXT
+                    return
+                if not admitted:
+                    raise
+                yield [Event(finish_reason="error", error=f"no engine could take it ({exc})",
+                             retryable=True)]  # fmt: skip
+                return
+            if not admission.admitted and admitted:  # admitted before, then its engine failed
+                yield [Event(finish_reason="error", error=admission.reason, retryable=True)]
+                return
+            if not admission.admitted and not last:
+                yield _NEXT
+                return
+            yield admission
+            sent = False  # streamed: a token went out to the client
+            held: list[list[Event]] = []  # not streamed: the answer's events, until it ends
+            async for batch in events:
+                if not last and _lost(batch) and not sent:
+                    self._down(i)
+                    yield _NEXT
+                    return
+                if streamed:
+                    sent = sent or any(e.token is not None for e in batch)
+                    yield batch
+                else:
+                    held.append(batch)
+            for batch in held:
+                yield batch
+        finally:
+            await events.aclose()
+
+
+_NEXT = object()  # EngineChoice: this engine could not answer; try the next one
+
+
+def _lost(batch: list[Event]) -> bool:
+    """The request ended with an error worth retrying (its engine's stream broke)."""
+    return batch[-1].finish_reason == "error" and batch[-1].retryable

@@ -29,6 +29,12 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--expert-shards", type=int, metavar="N", help="ExpertShard actors (0: none)")
     p.add_argument("--redundant-experts", type=int, metavar="R", help="extra expert replicas")
+    p.add_argument(
+        "--engine-replicas",
+        type=int,
+        metavar="M",
+        help="engine deployments (default 1); with --expert-shards they share the shards",
+    )
     _add_shard_flags(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or MOE_SERVE_API_KEY)")
     p.add_argument("--config", metavar="YAML", help="a Ray Serve config file (configs/serve.yaml)")
@@ -97,6 +103,12 @@ def _add_shard_flags(p: argparse.ArgumentParser) -> None:
         "(ray start --resources '{\"NAME\": 1}'), apart from the shards' nodes",
     )
     p.add_argument(
+        "--ingress-resource",
+        metavar="NAME",
+        help="place the HTTP ingress on nodes that advertise this Ray custom resource (default: "
+        "the engine's), e.g. the head, apart from several engines' nodes",
+    )
+    p.add_argument(
         "--cluster-autoscaling",
         action="store_true",
         default=None,
@@ -122,12 +134,14 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         expert_shards=args.expert_shards,
         redundant_experts=args.redundant_experts,
+        engine_replicas=args.engine_replicas,
         overflow=args.overflow,
         expert_transport=args.expert_transport,
         shard_cpus=args.shard_cpus,
         shard_gpus=args.shard_gpus,
         placement_timeout_s=args.placement_timeout,
         engine_resource=args.engine_resource,
+        ingress_resource=args.ingress_resource,
         cluster_autoscaling=args.cluster_autoscaling,
         api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
         dtype=args.dtype,
@@ -169,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             pass
         print("moe-serve up: stopping: draining requests in flight", file=sys.stderr, flush=True)
-        _drain(config.drain_timeout_s)
+        _drain(config)
     finally:
         _shutdown()
     print("moe-serve up: stopped", file=sys.stderr, flush=True)
@@ -212,13 +226,22 @@ def _check_engine_resource(config: ServeConfig) -> None:
     """An engine resource no node has would leave the engine unplaced, silently: fail here."""
     import ray
 
+    from serving.api.app import engine_share
     from serving.errors import UserError
 
+    for field in ("engine_resource", "ingress_resource"):
+        name = getattr(config, field)
+        if name and ray.cluster_resources().get(name, 0) <= 0:
+            raise UserError(
+                f"{field} {name!r}: no node in the Ray cluster advertises it (start the "
+                f"node with: ray start --resources '{{\"{name}\": 1}}')"
+            )
     name = config.engine_resource
-    if name and ray.cluster_resources().get(name, 0) <= 0:
+    units, wanted = ray.cluster_resources().get(name, 0), config.engine_replicas
+    if name and wanted > 1 and units < wanted * engine_share(config):
         raise UserError(
-            f"engine_resource {name!r}: no node in the Ray cluster advertises it (start the "
-            f"engine's node with: ray start --resources '{{\"{name}\": 1}}')"
+            f"engine_resource {name!r}: the cluster advertises {units:g} units and "
+            f"{wanted} engine replicas take one each (mark one node per engine)"
         )
 
 
@@ -240,7 +263,9 @@ def _deploy(config: ServeConfig) -> None:
 
     from serving.api.app import APP_NAME, application
 
-    serve.start(http_options={"host": config.host, "port": config.port})
+    # One HTTP proxy, on the head, as configs/serve.yaml says: Serve's default puts one on every
+    # node with a replica, and losing such a node (an engine's) cut the connections it held.
+    serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
     serve.run(application(config), name=APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -264,7 +289,11 @@ def _announce(config: ServeConfig) -> None:
         from experts.link import resolve_transport
 
         transport = resolve_transport(config.expert_transport, config.device, config.shard_gpus)
+        if config.engine_replicas > 1:
+            transport = f"plain (shared by {config.engine_replicas} engines)"
         lines.insert(1, f"  experts on {config.expert_shards} ExpertShards, transport: {transport}")
+    if config.engine_replicas > 1:
+        lines.insert(1, f"  {config.engine_replicas} engine replicas")
     print("\n".join(lines), flush=True)
 
 
@@ -281,27 +310,43 @@ def _announce_metrics(config: ServeConfig) -> None:
     print(f"  status: moe-serve status --url {base}   (GET {base}/v1/moe/status)", flush=True)
 
 
-def _drain(timeout_s: float) -> None:
+def _drain(config: ServeConfig) -> None:
     """Stop admitting, then wait until nothing is in flight or the timeout passes."""
     from ray import serve
 
-    from serving.api.app import APP_NAME
+    from serving.api.app import APP_NAME, engine_names
 
+    timeout_s = config.drain_timeout_s
     try:
-        engine = serve.get_deployment_handle("Engine", app_name=APP_NAME)
-        stats = engine.drain.remote().result(timeout_s=10)
+        engines = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in engine_names(config)]
+        in_flight, engines = _in_flight(engines, "drain")
         deadline = time.monotonic() + timeout_s
-        while stats.get("in_flight", 0) > 0 and time.monotonic() < deadline:
+        while in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-            stats = engine.stats.remote().result(timeout_s=10)
-        if stats.get("in_flight", 0) > 0:
+            in_flight, engines = _in_flight(engines, "stats")
+        if in_flight > 0:
             print(
-                f"moe-serve up: {stats['in_flight']} requests still in flight after "
+                f"moe-serve up: {in_flight} requests still in flight after "
                 f"{timeout_s} s; stopping anyway",
                 file=sys.stderr,
             )
     except Exception as exc:  # the drain is best effort: shutting down must go on
         print(f"moe-serve up: drain failed: {exc}", file=sys.stderr)
+
+
+def _in_flight(engines: list, method: str) -> tuple[int, list]:
+    """Requests in flight over the engines that answer `method` (drain or stats) within 10 s,
+    and those engines; one that does not (its node is gone) has none left to wait for."""
+    calls = [(engine, getattr(engine, method).remote()) for engine in engines]
+    total, answered = 0, []
+    for engine, call in calls:
+        try:
+            total += call.result(timeout_s=10)["in_flight"]
+            answered.append(engine)
+        except Exception as exc:
+            print(f"moe-serve up: an engine did not answer ({exc}); not waiting for it",
+                  file=sys.stderr)  # fmt: skip
+    return total, answered
 
 
 def _shutdown() -> None:

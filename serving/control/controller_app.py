@@ -5,15 +5,17 @@ The controller runs in its own actor (serving/control/controller_loop.py `Contro
 Ray when it dies), started by the Engine replica and owned by it: deleting the app stops it too.
 Each period it reads the Engine's counters and sends it decisions through a Serve
 DeploymentHandle (`Engine.counters`, `Engine.apply`); the Engine carries them out
-(serving/control/monitor.py). With several Engine replicas each call reaches one of them: the controller
-is meant for one Engine replica (the default).
+(serving/control/monitor.py). With several engines (config.engine_replicas: one deployment
+each) it reads every one and acts on the whole: their counters merged (`merge_counters`), a
+shard action sent to the first engine (the engines share the shards, whose owner does it once),
+a batch-strategy change to every engine.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from serving.config import ServeConfig
@@ -70,36 +72,82 @@ def controller_name(app_name: str) -> str:
     return f"{CONTROLLER_NAME}:{app_name}"
 
 
-def _engine(app_name: str):
+def _engines(app_name: str, names: Sequence[str]) -> list:
     from ray import serve
 
-    return serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name)
+    return [serve.get_deployment_handle(name, app_name=app_name) for name in names]
 
 
-def _counters_reader(app_name: str) -> Callable[[], Counters]:
-    engine = _engine(app_name)
+def merge_counters(each: Sequence[Counters], engine_gpus: int = 0) -> Counters:
+    """Several engines' counters as one app's: tokens and queues summed, the worst load and
+    latency taken. The shards are shared, so their GPUs are counted once (the first engine's
+    count holds them and its own `engine_gpus`). Each engine's efficiency is its tokens over the
+    same devices: they add up when the engines hold no GPU; else unknown (None). The step
+    breakdown is the first engine's."""
+    first = each[0]
+    if len(each) == 1:
+        return first
+
+    def worst(field: str) -> float | None:
+        values = [getattr(c, field) for c in each if getattr(c, field) is not None]
+        return max(values) if values else None
+
+    processed = [c.tokens_processed for c in each]
+    efficiency = [c.measured_efficiency for c in each]
+    return first.model_copy(
+        update=dict(
+            tokens_generated=sum(c.tokens_generated for c in each),
+            tokens_processed=None if None in processed else sum(processed),
+            queue_depth=sum(c.queue_depth for c in each),
+            gpus=first.gpus + engine_gpus * (len(each) - 1),
+            measured_efficiency=None if engine_gpus or None in efficiency else sum(efficiency),
+            expert_load_cv=worst("expert_load_cv"),
+            max_over_mean=worst("max_over_mean"),
+            p99_ttft_s=worst("p99_ttft_s"),
+            p99_tpot_s=worst("p99_tpot_s"),
+        )
+    )
+
+
+def _counters_reader(
+    app_name: str, names: Sequence[str], engine_gpus: int
+) -> Callable[[], Counters]:
+    engines = _engines(app_name, names)
 
     def read() -> Counters:
-        data = engine.counters.remote().result(timeout_s=CALL_TIMEOUT_S)
-        return Counters.model_validate(data)
+        calls = [engine.counters.remote() for engine in engines]  # all at once
+        each = [Counters.model_validate(c.result(timeout_s=CALL_TIMEOUT_S)) for c in calls]
+        return merge_counters(each, engine_gpus)
 
     return read
 
 
-def _applier(app_name: str) -> Callable[[Decision], None]:
-    engine = _engine(app_name)
+SHARD_ACTIONS = ("scale_out", "scale_in", "rebalance")
+
+
+def _applier(app_name: str, names: Sequence[str]) -> Callable[[Decision], None]:
+    engines = _engines(app_name, names)
 
     def apply(decision: Decision) -> None:
-        engine.apply.remote(decision.model_dump(mode="json")).result(timeout_s=CALL_TIMEOUT_S)
+        to = engines[:1] if decision.action in SHARD_ACTIONS else engines
+        calls = [engine.apply.remote(decision.model_dump(mode="json")) for engine in to]
+        for call in calls:
+            call.result(timeout_s=CALL_TIMEOUT_S)
 
     return apply
 
 
-def start_app_controller(config: ControllerConfig, app_name: str):
-    """Start (or find) the app's controller actor; factories, not handles, cross into it."""
+def start_app_controller(
+    config: ControllerConfig,
+    app_name: str,
+    engines: Sequence[str] = (ENGINE_DEPLOYMENT,),
+    engine_gpus: int = 0,
+):
+    """Start (or find) the app's controller actor over its engine deployments `engines` (each
+    holding `engine_gpus` GPUs); factories, not handles, cross into it."""
     return start_controller(
         config,
-        functools.partial(_counters_reader, app_name),
-        functools.partial(_applier, app_name),
+        functools.partial(_counters_reader, app_name, tuple(engines), engine_gpus),
+        functools.partial(_applier, app_name, tuple(engines)),
         name=controller_name(app_name),
     )

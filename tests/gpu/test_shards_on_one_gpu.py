@@ -62,3 +62,27 @@ def test_two_shards_on_one_gpu_match_in_process(ray_gpu, checkpoint, no_tf32, dt
     else:
         assert diff <= 1e-4, f"fp32: max |diff| {diff:.2e}"
         assert tokens == want
+
+
+def test_two_engines_share_two_shards_on_one_gpu(ray_gpu, checkpoint, no_tf32):
+    """experts/shared_pool.py on a GPU: one owner's shards (half a GPU each), two engines calling
+    them with plain calls, each engine's fp32 logits and greedy tokens those of the local model."""
+    from serving.engine.load import start_shard_owner
+
+    prompt = [46, 107, 53, 10, 90, 102, 60, 87, 50, 115]
+    local = load_model(checkpoint, dtype=torch.float32, device=DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, local.config.vocab_size, (2, 16), generator=gen).to(DEVICE)
+    expected, want = local(ids), list(generate(local, prompt, SamplingParams(max_tokens=8)))
+    owner = start_shard_owner(checkpoint, expert_shards=2, device=DEVICE, shard_gpus=0.5,
+                              placement_timeout_s=60, load_timeout_s=120)  # fmt: skip
+    engines = [load_model(checkpoint, device=DEVICE, shard_owner=owner) for _ in range(2)]
+    try:
+        for engine in engines:
+            assert engine.pool.transport_in_use == "plain (shared)"
+            assert (engine(ids) - expected).abs().max().item() <= 1e-4
+            assert list(generate(engine, prompt, SamplingParams(max_tokens=8))) == want
+    finally:
+        for engine in engines:
+            engine.close()
+        owner.shutdown()

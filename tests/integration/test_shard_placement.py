@@ -90,6 +90,12 @@ def test_an_engine_resource_no_node_has_fails_in_one_line(ray_session):
     with pytest.raises(UserError, match="engine_resource 'moe_engine': no node") as err:
         _check_engine_resource(ServeConfig(engine_resource="moe_engine"))
     assert "\n" not in str(err.value) and "ray start --resources" in str(err.value)
+    with pytest.raises(UserError, match="ingress_resource 'moe_front': no node"):
+        _check_engine_resource(ServeConfig(ingress_resource="moe_front"))
+    # The session's one node has 8 CPUs: room for 8 engines taking one unit each, not 9.
+    _check_engine_resource(ServeConfig(engine_resource="CPU", engine_replicas=8))
+    with pytest.raises(UserError, match="9 engine replicas take one each"):
+        _check_engine_resource(ServeConfig(engine_resource="CPU", engine_replicas=9))
 
 
 def test_shards_ask_ray_to_spread_them_over_nodes():

@@ -57,3 +57,16 @@ def test_the_engine_beside_cpu_shards_lets_its_idle_threads_sleep(monkeypatch):
     assert engine_env(ServeConfig(expert_shards=2)) == {
         "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE"}}
     }
+
+
+def test_engine_replicas_from_the_cli_and_yaml_and_only_plain_calls_share_shards():
+    config = resolve_config(build_parser().parse_args(["up", "--engine-replicas", "3"]))
+    assert config.engine_replicas == 3
+    assert load_config(ROOT / "configs" / "serve.yaml").engine_replicas == 1
+    with pytest.raises(UserError, match="engine_replicas"):
+        config_from_args({"engine_replicas": 0})
+    args = {"engine_replicas": 2, "expert_shards": 2, "expert_transport": "compiled"}
+    with pytest.raises(UserError, match="expert_transport: 'compiled' cannot be used"):
+        config_from_args(args)
+    assert config_from_args(args | {"expert_transport": "plain"}).engine_replicas == 2
+    assert config_from_args({"engine_replicas": 2}).expert_shards == 0  # each holds its experts

@@ -75,3 +75,26 @@ def test_a_calibrated_deployment_gets_reachable_targets(demo_path, tmp_path):
         config, deployment_plan(ServeConfig(hardware=str(hardware)), str(demo_path))
     )
     assert uncalibrated.phases[0].tokens_per_ms > 10 * c.phases[0].tokens_per_ms
+
+
+def test_several_engines_counters_merge_into_the_apps():
+    from serving.control.controller_app import merge_counters
+    from serving.control.controller_loop import Counters
+
+    a = Counters(tokens_generated=100, tokens_processed=400, queue_depth=3, gpus=3,
+                 measured_efficiency=0.2, expert_load_cv=0.1, p99_ttft_s=0.5, can_scale_out=True,
+                 step_fractions={"dense": 1.0})  # fmt: skip
+    b = Counters(tokens_generated=50, tokens_processed=200, queue_depth=4, gpus=3,
+                 measured_efficiency=0.1, expert_load_cv=0.3, p99_ttft_s=None, p99_tpot_s=0.02)  # fmt: skip
+    assert merge_counters([a]) is a
+    m = merge_counters([a, b])
+    assert (m.tokens_generated, m.tokens_processed, m.queue_depth) == (150, 600, 7)
+    assert m.measured_efficiency == pytest.approx(0.3)  # same devices: efficiencies add up
+    assert (m.expert_load_cv, m.p99_ttft_s, m.p99_tpot_s) == (0.3, 0.5, 0.02)  # the worst
+    assert m.gpus == 3 and m.can_scale_out and m.step_fractions == {"dense": 1.0}  # the first's
+    on_gpus = merge_counters([a, b], engine_gpus=1)
+    assert on_gpus.gpus == 4 and on_gpus.measured_efficiency is None
+    assert (
+        merge_counters([a, b.model_copy(update={"tokens_processed": None})]).tokens_processed
+        is None
+    )
