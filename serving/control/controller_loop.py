@@ -94,6 +94,7 @@ class StatusReport(Frozen):
     # The Ray node id of each ExpertShard, in shard order (empty without shards).
     shard_nodes: list[str] = []
     engine_node: str | None = None  # the Ray node of the engine replica that answered
+    engine_replicas: int = 1  # engine deployments behind the ingress (filled by the ingress)
     # How layers reach the shards now: "compiled" (the compiled graph), "plain" (actor calls: a
     # shard being replaced, or the graph released while idle); None without shards.
     expert_transport: str | None = None

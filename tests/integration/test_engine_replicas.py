@@ -73,6 +73,10 @@ def test_two_engines_share_the_shards_and_answer_as_one(app, greedy):
     assert len(shards[0]) == 2 and shards[0] == shards[1]
     status = engines[0].status.remote().result()
     assert status["expert_transport"] == "plain (shared)"
+    from serving.cli.status import fetch_status, render
+
+    report = fetch_status(url, KEY)  # what `moe-serve status` reads
+    assert report.engine_replicas == 2 and "engine replicas       2" in render(report)
 
 
 def test_the_controller_reads_both_engines_and_a_rebalance_reaches_both(app, greedy):

@@ -68,7 +68,9 @@ def test_owner_places_from_every_engines_load(owner, demo_path, reference):
         a(IDS)
         b(OTHER)
         expected = a.pool.balancer.tokens_per_expert() + b.pool.balancer.tokens_per_expert()
-        assert a.pool.balancer.tokens_per_expert().sum() != b.pool.balancer.tokens_per_expert().sum()
+        assert (
+            a.pool.balancer.tokens_per_expert().sum() != b.pool.balancer.tokens_per_expert().sum()
+        )
         wait_until(lambda: torch.equal(owner.load_window(), expected), 10, "merged load window")
         owner.reconfigure("rebalance", wait=True)
         wait_until(lambda: owner.view("test", None).version == 1, 10, "owner switched")
