@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from ray.exceptions import RayTaskError
 
 from experts.checkpoint import MixtralConfig
 from experts.fanout import Fanout, FansOut
@@ -192,13 +193,17 @@ class SharedExpertPool(FansOut):
                 self._next = view
 
     def _failed(self, shard: int, exc: BaseException) -> None:
-        """The fan-out's failure report: out of this engine's view now, and told to the owner
-        (off the forward thread)."""
+        """The fan-out's failure report: out of this engine's view until the next one; when the
+        actor died or hung (not when it raised: it is alive, and a placement version this engine
+        still uses may have been freed), out for good and told to the owner, off the forward
+        thread."""
         actor = self.shards[shard]
         self._dead.add(shard)
-        self._failed_ids.add(_actor_id(actor))
         self.events.append(f"shard {shard} failed: {type(exc).__name__}")
         log.warning("expert shard %d failed (%s); serving from other copies", shard, exc)
+        if isinstance(exc, RayTaskError):
+            return
+        self._failed_ids.add(_actor_id(actor))
         threading.Thread(target=self._report, args=(shard, actor), daemon=True).start()
 
     def _report(self, shard: int, actor: object) -> None:

@@ -134,6 +134,11 @@ def engines(names: tuple[str, ...]) -> list:
     return [serve.get_deployment_handle(name, app_name="moe-serve") for name in names]
 
 
+def engine():
+    """The first engine's handle (the one holding the controller)."""
+    return engines(ENGINES[:1])[0]
+
+
 def placement(names: tuple[str, ...] = ENGINES[:1]) -> dict:
     """The engines' view: each one's node, each shard's node and the pool's event log (from the
     first engine that answers within 10 s: another's node may be gone)."""

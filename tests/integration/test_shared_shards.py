@@ -6,6 +6,7 @@ shard is replaced once for all."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import ray
@@ -124,3 +125,28 @@ def test_a_lost_shard_is_served_around_and_replaced_once(ray_session, demo_path,
 
 def _id(actor) -> str:
     return actor._actor_id.hex()
+
+
+def test_freed_at_once_the_old_version_fails_an_engine_behind_and_replaces_no_shard(
+    ray_session, demo_path
+):
+    # The control for the test above: with nothing kept after the switch, the engine still on
+    # version 0 cannot compute; its failure (a shard alive, raising) replaces no shard.
+    from experts.pool import ExpertUnavailableError
+
+    owner = start_shard_owner(demo_path, expert_shards=2, redundant_experts=2, retire_after_s=0)
+    (slow,) = engines(demo_path, owner, n=1, poll_s=3600)
+    (fast,) = engines(demo_path, owner, n=1)
+    try:
+        fast.pool.rebalance(wait=True)
+        wait_until(lambda: owner.view("test", None).version == 1, 10, "owner switched")
+        before = [_id(a) for a in owner.shards]
+        time.sleep(1.0)  # the old version's free reaches the shards
+        with pytest.raises(ExpertUnavailableError):
+            slow(IDS)
+        time.sleep(1.0)
+        assert [_id(a) for a in owner.shards] == before
+        assert not any("failed" in e for e in owner.events), owner.events
+    finally:
+        close([slow, fast])
+        owner.shutdown()
