@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -43,6 +44,10 @@ class ExpertShards:
 
     async def reconfigure(self, action: str, wait: bool) -> None:
         await asyncio.to_thread(self.owner.reconfigure, action, wait)
+
+    async def pid(self) -> int:
+        """This replica's process (its shards die with it): for the fault tests."""
+        return os.getpid()
 
 
 class OwnerHandle:

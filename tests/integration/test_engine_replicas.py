@@ -5,6 +5,8 @@ reading covers both, and a rebalance asked of one reaches both."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import pytest
 
@@ -15,7 +17,7 @@ from serving.engine.generate import generate
 from serving.engine.sampling import SamplingParams
 from serving.engine.tokenizer import TextTokenizer
 
-from ..support import wait_healthy, wait_until
+from ..support import Load, wait_healthy, wait_until
 from .test_controller_live import KEY, demo_app
 
 APP = "moe-serve-engines"
@@ -93,4 +95,27 @@ def test_the_controller_reads_both_engines_and_a_rebalance_reaches_both(app, gre
             60, "the engine took the new placement", interval_s=0.5,
         )  # fmt: skip
     prompts = ["After the switch", "both engines still answer"]
+    assert complete(url, prompts, 12) == [greedy(p, 12) for p in prompts]
+
+
+def test_a_lost_shard_owner_is_restarted_and_the_engines_serve_on_its_new_shards(app, greedy):
+    """The ExpertShards replica killed (its shards die with it): requests meanwhile fail with a
+    503 that says retry, or succeed; Serve starts the owner again, it starts new shards, and both
+    engines take them at their next poll and answer as before."""
+    from ray import serve
+
+    url, engines = app
+    owner = serve.get_deployment_handle("ExpertShards", app_name=APP)
+    before = _ids(engines[0].expert_shards.remote().result())
+    with Load(url, KEY, 2, max_tokens=8, timeout_s=120.0) as load:
+        load.wait_ok(2)
+        os.kill(owner.pid.remote().result(), signal.SIGKILL)
+        for engine in engines:
+            wait_until(lambda e=engine: (s := _ids(e.expert_shards.remote().result())) and
+                       not set(s) & set(before), 120, "the engine on the new shards")  # fmt: skip
+        load.wait_ok(4, timeout_s=120)
+    assert all(status == 503 and "retry" in str(reply).lower() for status, reply in load.failed), (
+        load.failed
+    )
+    prompts = ["After the owner came back", "both engines answer again"]
     assert complete(url, prompts, 12) == [greedy(p, 12) for p in prompts]
