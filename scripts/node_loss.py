@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from soak import KEY, load, recovery, wait_ready
@@ -178,6 +179,7 @@ def measure(cluster, workers: list, base: str, args: argparse.Namespace) -> dict
     end = placement(names)
     done = list(results)
     return {
+        "health_after": health(base),
         "workers": len(workers),
         "clients": args.clients,
         "requests": len(done),
@@ -195,6 +197,17 @@ def measure(cluster, workers: list, base: str, args: argparse.Namespace) -> dict
         "recovery": recovery(done, lost_at),
         "events_after_loss": end["events"][len(start["events"]) :],
     }
+
+
+def health(base: str) -> dict:
+    """GET /health after the loss: its status and seconds (it must not wait on a lost engine)."""
+    began = time.monotonic()
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=30) as r:
+            status = r.status
+    except Exception as exc:  # reported as it is
+        status = repr(exc)[:120]
+    return {"status": status, "seconds": round(time.monotonic() - began, 2)}
 
 
 def wait_replaced(before: list[str], t0: float, lost_at: float, limit_s: float,

@@ -26,7 +26,15 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from experts.pool import ElasticPool
-from serving.api.streams import Batch, EngineChoice, EngineStreams, IngressStreams
+from serving.api.engines import (
+    default_threads,
+    engine_names,
+    engine_share,
+    ingress_streams,
+    total_stats,
+    within,
+)
+from serving.api.streams import Batch, EngineChoice, EngineStreams
 from serving.config import ServeConfig, config_from_args
 from serving.engine.requests import Admission, Job
 from serving.errors import UserError
@@ -106,11 +114,6 @@ def load_serving_model(config: ServeConfig, owner: DeploymentHandle | None = Non
         options["shard_owner"] = OwnerHandle(owner, config.placement_timeout_s)
     return load_model(model_dir(config), dtype=torch_dtype(config), device=config.device,
                       **options)  # fmt: skip
-
-
-def engine_names(config: ServeConfig) -> list[str]:
-    """The Engine deployments: "Engine", then "Engine-1", ... (the controller's is the first)."""
-    return ["Engine"] + [f"Engine-{i}" for i in range(1, config.engine_replicas)]
 
 
 @serve.deployment(name="Engine")
@@ -260,40 +263,27 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from serving.api.ingress import build_api
 
-        streams = EngineChoice([_streams(engine) for engine in self.engines])
+        streams = EngineChoice([ingress_streams(engine) for engine in self.engines])
         return build_api(streams.generate, self._stats, self.info, self.config, self._status)
 
     async def _stats(self) -> dict:
-        """One engine's stats; with several, their totals and each one's under `engines`."""
-        each = [await engine.stats.remote() for engine in self.engines]
-        return each[0] if len(each) == 1 else total_stats(each)
+        """One engine's stats; with several, the totals of those that answer in time
+        (serving/api/engines.py `within`: the health check must not wait on a lost engine),
+        each one's under `engines` (None: no answer)."""
+        if len(self.engines) == 1:
+            return await self.engines[0].stats.remote()
+        each = await asyncio.gather(*(within(e.stats.remote()) for e in self.engines))
+        return total_stats(each)
 
     async def _status(self) -> dict:
-        """The first engine's status (the controller's view covers every engine)."""
-        status = await self.engines[0].status.remote()
+        """The status of the first engine that answers in time (the controller's view covers
+        every engine)."""
+        for engine in self.engines[:-1]:
+            status = await within(engine.status.remote())
+            if status is not None:
+                return status | {"engine_replicas": len(self.engines)}
+        status = await self.engines[-1].status.remote()
         return status | {"engine_replicas": len(self.engines)}
-
-
-def _streams(engine: DeploymentHandle) -> IngressStreams:
-    return IngressStreams(
-        submit=lambda job, stream, request: engine.submit.remote(job, stream, request),
-        open_stream=lambda stream: engine.options(stream=True).stream.remote(stream),
-        cancel=lambda request: engine.cancel.remote(request),
-    )
-
-
-def total_stats(each: list[dict]) -> dict:
-    """Engines' stats summed (counts, slots, tokens; a flag if any has it), each under `engines`."""
-    total: dict = {}
-    for key, value in each[0].items():
-        values = [e[key] for e in each]
-        total[key] = any(values) if isinstance(value, bool) else sum(values)
-    return total | {"engines": each}
-
-
-def default_threads(config: ServeConfig) -> int:
-    """Every core but one (the HTTP proxy's and the ingress's), shared by the engines."""
-    return max(1, ((os.cpu_count() or 1) - 1) // config.engine_replicas)
 
 
 def _metrics():
@@ -372,17 +362,6 @@ def application(config: ServeConfig) -> Application:
         ray_actor_options={"num_cpus": 0} | pinned,
         graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
     ).bind(engines, config)
-
-
-def engine_share(config: ServeConfig) -> float:
-    """How much of the engine_resource marker an engine asks for. Several engines take almost a
-    whole unit each, so a node advertising N units holds at most N of them: marked with 1 each,
-    engines land on different nodes (losing one node loses one engine), and the ingress's sliver
-    still fits beside one. One engine takes a sliver, like the ingress."""
-    return ENGINE_SHARE if config.engine_replicas > 1 else 0.001
-
-
-ENGINE_SHARE = 0.99
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -226,7 +226,7 @@ def _check_engine_resource(config: ServeConfig) -> None:
     """An engine resource no node has would leave the engine unplaced, silently: fail here."""
     import ray
 
-    from serving.api.app import engine_share
+    from serving.api.engines import engine_share
     from serving.errors import UserError
 
     for field in ("engine_resource", "ingress_resource"):
@@ -314,7 +314,8 @@ def _drain(config: ServeConfig) -> None:
     """Stop admitting, then wait until nothing is in flight or the timeout passes."""
     from ray import serve
 
-    from serving.api.app import APP_NAME, engine_names
+    from serving.api.app import APP_NAME
+    from serving.api.engines import engine_names
 
     timeout_s = config.drain_timeout_s
     try:

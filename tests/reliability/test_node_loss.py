@@ -74,6 +74,9 @@ def test_engine_replicas_sit_on_different_nodes(engine_loss: dict) -> None:
     assert not engine_loss["lost_a_shard"]
     survivor = [n for n in before if n != engine_loss["lost_node"]]
     assert [n for n in engine_loss["engine_nodes_after"] if n] == survivor
+    # The health check answers from the surviving engine, without waiting on the lost one.
+    health = engine_loss["health_after"]
+    assert health["status"] == 200 and health["seconds"] < 10, health
 
 
 def test_losing_an_engines_node_ends_only_streams_under_way(engine_loss: dict) -> None:

@@ -1,0 +1,71 @@
+"""Several engine deployments behind one ingress (config.engine_replicas): their names, where they
+go, their threads, and the ingress's view of them (one event stream each, stats totals, calls
+bounded in time: a Serve handle holds a call to a lost replica until Serve starts another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from ray.serve.handle import DeploymentHandle
+
+from serving.api.streams import IngressStreams
+from serving.config import ServeConfig
+
+
+def engine_names(config: ServeConfig) -> list[str]:
+    """The Engine deployments: "Engine", then "Engine-1", ... (the controller's is the first)."""
+    return ["Engine"] + [f"Engine-{i}" for i in range(1, config.engine_replicas)]
+
+
+def engine_share(config: ServeConfig) -> float:
+    """How much of the engine_resource marker an engine asks for. Several engines take almost a
+    whole unit each, so a node advertising N units holds at most N of them: marked with 1 each,
+    engines land on different nodes (losing one node loses one engine), and the ingress's sliver
+    still fits beside one. One engine takes a sliver, like the ingress."""
+    return ENGINE_SHARE if config.engine_replicas > 1 else 0.001
+
+
+ENGINE_SHARE = 0.99
+
+
+def default_threads(config: ServeConfig) -> int:
+    """Every core but one (the HTTP proxy's and the ingress's), shared by the engines."""
+    return max(1, ((os.cpu_count() or 1) - 1) // config.engine_replicas)
+
+
+def ingress_streams(engine: DeploymentHandle) -> IngressStreams:
+    return IngressStreams(
+        submit=lambda job, stream, request: engine.submit.remote(job, stream, request),
+        open_stream=lambda stream: engine.options(stream=True).stream.remote(stream),
+        cancel=lambda request: engine.cancel.remote(request),
+    )
+
+
+def total_stats(each: list[dict | None]) -> dict:
+    """Engines' stats summed over those that answered (counts, slots, tokens; a flag if any has
+    it), each under `engines` (None: no answer). Raises when none answered."""
+    answered = [e for e in each if e is not None]
+    if not answered:
+        raise RuntimeError("no engine answered")
+    total: dict = {}
+    for key, value in answered[0].items():
+        values = [e[key] for e in answered]
+        total[key] = any(values) if isinstance(value, bool) else sum(values)
+    return total | {"engines": each}
+
+
+ANSWER_S = 3.0  # an engine that has not answered a stats or status call by then is skipped
+
+
+async def within(response) -> dict | None:
+    """The call's answer, or None when it raised or took over ANSWER_S."""
+    try:
+        return await asyncio.wait_for(_awaited(response), ANSWER_S)
+    except Exception:  # lost, restarting or overloaded: the others answer
+        return None
+
+
+async def _awaited(response):
+    return await response
