@@ -81,11 +81,9 @@ def expert_options(config: ServeConfig) -> dict[str, int]:
 
 
 def torch_dtype(config: ServeConfig):
-    import torch
+    from experts.shard import DTYPES
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        config.dtype
-    ]
+    return DTYPES[config.dtype]
 
 
 def pool_options(config: ServeConfig) -> dict:
