@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.api.app import APP_NAME, application, load_serving_model, model_dir  # noqa: E402
+from serving.api.app import APP_NAME, application  # noqa: E402
+from serving.api.serving_model import load_serving_model, model_dir  # noqa: E402
 from serving.cli.bench import random_prompts, run_load, summarize  # noqa: E402
 from serving.config import SchedulerConfig, ServeConfig  # noqa: E402
 from serving.engine.sampling import SamplingParams  # noqa: E402

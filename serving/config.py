@@ -206,6 +206,11 @@ class ServeConfig(BaseModel):
     # calls (an actor runs one compiled graph at a time: ARCHITECTURE.md section 7); without, each
     # holds every expert. An ingress sends each request to the engine with fewest in flight.
     engine_replicas: int = Field(1, ge=1)
+    # The most engines the controller may run (None: engine_replicas, fixed). Engines beyond
+    # engine_replicas are deployed with no replica; the controller starts one when the queue, not
+    # the experts, limits tokens/ms and stops it again, drained, when the work fits fewer
+    # (ARCHITECTURE.md section 5). Never fewer than engine_replicas.
+    max_engine_replicas: int | None = Field(None, ge=1)
     # Seconds one call to an ExpertShard may take before its shard counts as failed (hung) and is
     # replaced; its rows then go to surviving copies. Only used with expert_shards > 0.
     expert_call_timeout_s: float = Field(30.0, gt=0)
@@ -272,13 +277,27 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _shared_shards_take_plain_calls(self) -> ServeConfig:
-        shared = self.engine_replicas > 1 and self.expert_shards
+        shared = self.engines_at_most > 1 and self.expert_shards
         if shared and self.expert_transport not in ("auto", "plain"):
             raise ValueError(
                 f"expert_transport: {self.expert_transport!r} cannot be used with "
-                "engine_replicas > 1 (engines sharing the shards reach them with plain calls)"
+                "several engine replicas (engines sharing the shards reach them with plain calls)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _engine_ceiling_above_floor(self) -> ServeConfig:
+        top = self.max_engine_replicas
+        if top is not None and top < self.engine_replicas:
+            raise ValueError(
+                f"max_engine_replicas: {top} is below engine_replicas ({self.engine_replicas})"
+            )
+        return self
+
+    @property
+    def engines_at_most(self) -> int:
+        """Engine deployments in the app: the most the controller may run."""
+        return self.max_engine_replicas or self.engine_replicas
 
     @model_validator(mode="after")
     def _router_takes_the_queue(self) -> ServeConfig:

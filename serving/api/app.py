@@ -2,7 +2,8 @@
 
     HTTP -> Ingress (FastAPI: auth, limits, validation, tokenization, SSE)
          -> Engine (scheduler: continuous batching over the KV cache; the model, whose experts
-            live in-process or on ExpertShard actors), `engine_replicas` of them
+            live in-process or on ExpertShard actors), `engine_replicas` of them at first
+            (up to `max_engine_replicas`: serving/control/engine_scaler.py)
             (-> ExpertShards, serving/api/shared_shards.py, when several engines share shards)
 Each request is one `Engine.submit` call to the engine with fewest of the ingress's requests in
 flight; its events come back on the one stream each ingress replica keeps open to each engine
@@ -15,8 +16,8 @@ flight; its events come back on the one stream each ingress replica keeps open t
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,90 +29,21 @@ from ray.serve.handle import DeploymentHandle
 from experts.pool import ElasticPool
 from serving.api.engines import (
     default_threads,
+    engine_ask,
     engine_names,
-    engine_share,
     ingress_streams,
     total_stats,
     within,
 )
+from serving.api.serving_model import load_serving_model, model_dir, served_name
 from serving.api.streams import Batch, EngineChoice, EngineStreams
 from serving.config import ServeConfig, config_from_args
 from serving.engine.requests import Admission, Job
-from serving.errors import UserError
 
 APP_NAME = "moe-serve"
 # How often Serve checks, while deleting the app, whether a replica's requests are done. Serve's
 # default (2 s) made a drained shutdown take seconds longer than its requests did.
 GRACEFUL_POLL_S = 0.2
-DEMO_MODEL_NAME = "moe-serve-demo"
-
-
-def model_dir(config: ServeConfig) -> str:
-    """The checkpoint directory; the demo is written on the machine that asks (each replica)."""
-    if config.model:
-        return config.model
-    from serving.engine.demo import demo_checkpoint
-
-    return str(demo_checkpoint())
-
-
-def served_name(config: ServeConfig) -> str:
-    from pathlib import Path
-
-    if config.served_model_name:
-        return config.served_model_name
-    return Path(config.model).name if config.model else DEMO_MODEL_NAME
-
-
-def expert_options(config: ServeConfig) -> dict[str, int]:
-    """The expert-parallel options for load_model, passed only where asked for (> 0).
-
-    Checked against load_model's signature so that `moe-serve up` fails before deploying, in one
-    line, on a build whose load_model does not take them.
-    """
-    from serving.engine.load import load_model
-
-    wanted = {"expert_shards": config.expert_shards, "redundant_experts": config.redundant_experts}
-    extra = {k: v for k, v in wanted.items() if v > 0}
-    accepted = inspect.signature(load_model).parameters
-    missing = [k for k in extra if k not in accepted]
-    if missing:
-        raise UserError(f"{missing[0]} is not supported by this build's load_model yet")
-    return extra
-
-
-def torch_dtype(config: ServeConfig):
-    from experts.shard import DTYPES
-
-    return DTYPES[config.dtype]
-
-
-def pool_options(config: ServeConfig) -> dict:
-    """load_model's expert options for the deployment (nothing without shards)."""
-    options: dict = expert_options(config)
-    if config.expert_shards:
-        options["call_timeout_s"] = config.expert_call_timeout_s  # RayExpertPool's hang bound
-        options |= dict(
-            overflow=config.overflow,
-            transport=config.expert_transport,
-            shard_cpus=config.shard_cpus,
-            shard_gpus=config.shard_gpus,
-            placement_timeout_s=config.placement_timeout_s,
-        )
-    return options
-
-
-def load_serving_model(config: ServeConfig, owner: DeploymentHandle | None = None):
-    """The engine's model; with `owner` its experts are on the ExpertShards deployment's shards."""
-    from serving.engine.load import load_model
-
-    options = pool_options(config)
-    if owner is not None:
-        from serving.api.shared_shards import OwnerHandle
-
-        options["shard_owner"] = OwnerHandle(owner, config.placement_timeout_s)
-    return load_model(model_dir(config), dtype=torch_dtype(config), device=config.device,
-                      **options)  # fmt: skip
 
 
 @serve.deployment(name="Engine")
@@ -156,6 +88,8 @@ class Engine:
         self.scheduler.observer = self.monitor.on_step
         self.streams = EngineStreams(self.scheduler)
         self._closing: asyncio.Task | None = None  # closes the streams once drained
+        self._retiring: asyncio.Task | None = None  # stops this replica once drained
+        self.drain_timeout_s = config.drain_timeout_s
         self._monitor_task: asyncio.Task | None = None
         # The first engine starts the controller; it reads and acts on every engine.
         controller = config.monitoring.controller and first
@@ -243,6 +177,24 @@ class Engine:
             await asyncio.sleep(0.05)
         self.streams.close()
 
+    async def retire(self) -> dict:
+        """The controller removes this engine: drain it (new requests go to the other engines),
+        then, its requests done or config.drain_timeout_s passed, ask Serve to stop its replica
+        (serving/control/engine_scaler.py). Returns at once with the engine's stats."""
+        stats = await self.drain()
+        if self._retiring is None:
+            self._retiring = asyncio.get_running_loop().create_task(self._stop_when_drained())
+        return stats
+
+    async def _stop_when_drained(self) -> None:
+        from serving.control.engine_scaler import set_replicas
+
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.scheduler.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        context = serve.get_replica_context()
+        await asyncio.to_thread(set_replicas, context.app_name, context.deployment, 0)
+
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
@@ -261,27 +213,47 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         from serving.api.ingress import build_api
 
-        streams = EngineChoice([ingress_streams(engine) for engine in self.engines])
-        return build_api(streams.generate, self._stats, self.info, self.config, self._status)
+        several = len(self.engines) > 1
+        self.choice = EngineChoice(
+            [ingress_streams(engine) for engine in self.engines],
+            # Those the app starts with; the controller may start the others later.
+            serving=[i < self.config.engine_replicas for i in range(len(self.engines))],
+            read_serving=self._read_serving if several else None,
+        )
+        return build_api(self.choice.generate, self._stats, self.info, self.config, self._status)
+
+    async def _read_serving(self) -> list[bool]:
+        """Which engines Serve runs a replica of now (serving/control/engine_scaler.py)."""
+        from serving.control.engine_scaler import engine_states
+
+        app_name = serve.get_replica_context().app_name
+        names = engine_names(self.config)
+        return [s.serving for s in await asyncio.to_thread(engine_states, app_name, names)]
+
+    def _serving(self) -> list[DeploymentHandle]:
+        self.choice.refresh_serving()  # for the next call: a health check does not wait
+        mask = self.choice.serving
+        return [e for e, on in zip(self.engines, mask, strict=True) if on] or self.engines[:1]
 
     async def _stats(self) -> dict:
-        """One engine's stats; with several, the totals of those that answer in time
+        """One engine's stats; with several, the totals of those serving that answer in time
         (serving/api/engines.py `within`: the health check must not wait on a lost engine),
         each one's under `engines` (None: no answer)."""
         if len(self.engines) == 1:
             return await self.engines[0].stats.remote()
-        each = await asyncio.gather(*(within(e.stats.remote()) for e in self.engines))
+        each = await asyncio.gather(*(within(e.stats.remote()) for e in self._serving()))
         return total_stats(each)
 
     async def _status(self) -> dict:
-        """The status of the first engine that answers in time (the controller's view covers
-        every engine)."""
-        for engine in self.engines[:-1]:
+        """The status of the first serving engine that answers in time (the controller's view
+        covers every engine), with the number of engines serving."""
+        engines = self._serving()
+        count = {"engine_replicas": len(engines)}
+        for engine in engines[:-1]:
             status = await within(engine.status.remote())
             if status is not None:
-                return status | {"engine_replicas": len(self.engines)}
-        status = await self.engines[-1].status.remote()
-        return status | {"engine_replicas": len(self.engines)}
+                return status | count
+        return (await engines[-1].status.remote()) | count
 
 
 def _metrics():
@@ -305,12 +277,20 @@ def fallback_slots(config: ServeConfig, plan) -> int:
 
 def _start_controller(config: ServeConfig, plan):
     """The app's controller actor, with targets from the deployment's plan."""
-    from serving.control.controller_app import controller_config, start_app_controller
+    from serving.control.controller_app import (
+        EngineScaling,
+        controller_config,
+        start_app_controller,
+    )
 
     app_name = serve.get_replica_context().app_name
     gpus = 1 if config.device.startswith("cuda") else 0
+    scaling = None
+    if config.engines_at_most > config.engine_replicas:
+        scaling = EngineScaling(config.engine_replicas, engine_ask(config),
+                                config.cluster_autoscaling)  # fmt: skip
     return start_app_controller(
-        controller_config(config, plan), app_name, engine_names(config), engine_gpus=gpus
+        controller_config(config, plan), app_name, engine_names(config), gpus, scaling
     )
 
 
@@ -328,16 +308,16 @@ def engine_env(config: ServeConfig) -> dict:
 def application(config: ServeConfig) -> Application:
     """The bound application for `serve.run`."""
     ongoing = config.max_ongoing_requests
-    gpu = 1 if config.device.startswith("cuda") else 0
     # On the nodes marked for them (config.engine_resource), asking for a sliver of the marker:
     # any number of replicas fit, and none lands on a shard's node by chance.
     pinned = {"resources": {config.engine_resource: 0.001}} if config.engine_resource else {}
-    engine_pin = {"resources": {config.engine_resource: engine_share(config)}} if pinned else {}
+    ask = engine_ask(config)
+    engine_pin = {"num_gpus": ask.pop("GPU", 0)} | ({"resources": ask} if ask else {})
     if config.ingress_resource:
         pinned = {"resources": {config.ingress_resource: 0.001}}
     from serving.api.shared_shards import ExpertShards
 
-    shared = config.expert_shards and config.engine_replicas > 1
+    shared = config.expert_shards and config.engines_at_most > 1
     # The shards are the owner's actors and die with its process: it sits with the ingress.
     owner_options = {"ray_actor_options": {"num_cpus": 0} | pinned}
     owner = ExpertShards.options(**owner_options).bind(config) if shared else None
@@ -347,7 +327,7 @@ def application(config: ServeConfig) -> Application:
             # Ray Serve's default of 5 would cap the batch (ARCHITECTURE.md section 7); our own
             # scheduler queue bounds the work, so the engine takes everything the ingress sends.
             max_ongoing_requests=ongoing,
-            ray_actor_options={"num_cpus": 0, "num_gpus": gpu} | engine_pin | engine_env(config),
+            ray_actor_options={"num_cpus": 0} | engine_pin | engine_env(config),
             graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
         ).bind(config, i == 0, owner)
         for i, name in enumerate(engine_names(config))
@@ -360,6 +340,15 @@ def application(config: ServeConfig) -> Application:
         ray_actor_options={"num_cpus": 0} | pinned,
         graceful_shutdown_wait_loop_s=GRACEFUL_POLL_S,
     ).bind(engines, config)
+
+
+def run_app(config: ServeConfig, name: str = APP_NAME, route_prefix: str | None = "/") -> None:
+    """Deploy the app and wait until it runs. Engines beyond config.engine_replicas start with
+    no replica: the controller starts them when needed (serving/control/engine_scaler.py)."""
+    from serving.control.engine_scaler import deploy
+
+    standby = engine_names(config)[config.engine_replicas :]
+    deploy(application(config), name, route_prefix, standby)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

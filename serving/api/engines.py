@@ -15,8 +15,9 @@ from serving.config import ServeConfig
 
 
 def engine_names(config: ServeConfig) -> list[str]:
-    """The Engine deployments: "Engine", then "Engine-1", ... (the controller's is the first)."""
-    return ["Engine"] + [f"Engine-{i}" for i in range(1, config.engine_replicas)]
+    """The Engine deployments: "Engine", then "Engine-1", ... (the controller's is the first);
+    as many as the controller may run (config.engines_at_most)."""
+    return ["Engine"] + [f"Engine-{i}" for i in range(1, config.engines_at_most)]
 
 
 def engine_share(config: ServeConfig) -> float:
@@ -24,15 +25,25 @@ def engine_share(config: ServeConfig) -> float:
     whole unit each, so a node advertising N units holds at most N of them: marked with 1 each,
     engines land on different nodes (losing one node loses one engine), and the ingress's sliver
     still fits beside one. One engine takes a sliver, like the ingress."""
-    return ENGINE_SHARE if config.engine_replicas > 1 else 0.001
+    return ENGINE_SHARE if config.engines_at_most > 1 else 0.001
 
 
 ENGINE_SHARE = 0.99
 
 
+def engine_ask(config: ServeConfig) -> dict[str, float]:
+    """The Ray resources one engine replica asks for beyond its 0 CPUs: a GPU on CUDA, and its
+    share of the engine_resource marker."""
+    ask = {"GPU": 1.0} if config.device.startswith("cuda") else {}
+    if config.engine_resource:
+        ask[config.engine_resource] = engine_share(config)
+    return ask
+
+
 def default_threads(config: ServeConfig) -> int:
-    """Every core but one (the HTTP proxy's and the ingress's), shared by the engines."""
-    return max(1, ((os.cpu_count() or 1) - 1) // config.engine_replicas)
+    """Every core but one (the HTTP proxy's and the ingress's), shared by the most engines that
+    may run at once."""
+    return max(1, ((os.cpu_count() or 1) - 1) // config.engines_at_most)
 
 
 def ingress_streams(engine: DeploymentHandle) -> IngressStreams:
@@ -44,15 +55,16 @@ def ingress_streams(engine: DeploymentHandle) -> IngressStreams:
 
 
 def total_stats(each: list[dict | None]) -> dict:
-    """Engines' stats summed over those that answered (counts, slots, tokens; a flag if any has
-    it), each under `engines` (None: no answer). Raises when none answered."""
+    """Engines' stats summed over those that answered (counts, slots, tokens; a flag such as
+    `draining` only where all have it: while one engine drains, being removed, the others take
+    requests), each under `engines` (None: no answer). Raises when none answered."""
     answered = [e for e in each if e is not None]
     if not answered:
         raise RuntimeError("no engine answered")
     total: dict = {}
     for key, value in answered[0].items():
         values = [e[key] for e in answered]
-        total[key] = any(values) if isinstance(value, bool) else sum(values)
+        total[key] = all(values) if isinstance(value, bool) else sum(values)
     return total | {"engines": each}
 
 

@@ -29,7 +29,7 @@ class ExpertShards:
     run off the replica's event loop."""
 
     def __init__(self, config: ServeConfig) -> None:
-        from serving.api.app import model_dir, pool_options, torch_dtype
+        from serving.api.serving_model import model_dir, pool_options, torch_dtype
         from serving.engine.load import start_shard_owner
 
         options = pool_options(config)

@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 Batch = list[tuple[str, list[Event]]]  # (request id, its new events), every request with news
 # EngineChoice: an engine that has not admitted or refused a request by then is taken as down
 # (its replica died: Serve's handle would hold the request until another replica is up), and
-# goes last in the order for DOWN_S.
+# goes last in the order for DOWN_S. Which engines serve (Serve runs a replica of them) is read
+# every REFRESH_S: the controller starts and stops engines (serving/control/engine_scaler.py).
 ADMISSION_TIMEOUT_S = 3.0
 DOWN_S = 30.0
+REFRESH_S = 1.0
 
 
 class EngineStreams:
@@ -61,7 +63,7 @@ class EngineStreams:
         try:
             seq = self.scheduler.submit(list(job.prompt), job.params, job.stop, job.logprobs)
         except QueueFull as exc:
-            return Admission(False, str(exc))
+            return Admission(False, str(exc), draining=self.scheduler.draining)
         queue = self._queues[stream]
         self._streams[stream].add(request)
         task = asyncio.get_running_loop().create_task(self._pump(seq, queue, request))
@@ -182,27 +184,60 @@ class EngineChoice:
     the next; so does one that fails with an error worth retrying (its stream broke: the replica
     died) before the client saw a token: a streamed request's first, or any of a request
     answered whole (its events are held until it ends). The client sees one admission and one
-    answer; the last engine's stands."""
+    answer; the last engine's stands.
+
+    Only engines that serve are tried: `serving` at first, then as `read_serving()` says every
+    `refresh_s` (an engine the controller has not started, or one Serve is restarting, has no
+    replica to take a request: a call to it would wait). An engine that refuses because it is
+    draining (being stopped) goes last, like one that is down."""
 
     def __init__(
         self,
         engines: list[IngressStreams],
         admission_timeout_s: float = ADMISSION_TIMEOUT_S,
         down_s: float = DOWN_S,
+        serving: list[bool] | None = None,
+        read_serving: Callable[[], Awaitable[list[bool]]] | None = None,
+        refresh_s: float = REFRESH_S,
     ) -> None:
         self.engines = engines
         self.admission_timeout_s, self.down_s = admission_timeout_s, down_s
         self.in_flight = [0] * len(engines)
         self.down_until = [0.0] * len(engines)  # monotonic time until which an engine goes last
+        self.serving = list(serving) if serving is not None else [True] * len(engines)
+        self._read_serving, self.refresh_s = read_serving, refresh_s
+        self._refresh: asyncio.Task | None = None
+        self._refreshed = float("-inf")
         self._turn = 0
 
     def _order(self) -> list[int]:
+        self.refresh_serving()
         n, now = len(self.engines), time.monotonic()
         self._turn = (self._turn + 1) % n
+        candidates = [i for i in range(n) if self.serving[i]] or list(range(n))
         return sorted(
-            range(n),
+            candidates,
             key=lambda i: (self.down_until[i] > now, self.in_flight[i], (i - self._turn) % n),
         )
+
+    def refresh_serving(self) -> None:
+        """Start reading which engines serve, at most every refresh_s (requests do not wait)."""
+        if self._read_serving is None or (self._refresh and not self._refresh.done()):
+            return
+        if time.monotonic() - self._refreshed < self.refresh_s:
+            return
+        self._refreshed = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._refresh = loop.create_task(self._update_serving(), context=contextvars.Context())
+
+    async def _update_serving(self) -> None:
+        try:
+            serving = list(await self._read_serving())
+        except Exception as exc:  # Serve's controller busy or restarting: keep the last view
+            log.warning("could not read which engines serve: %s", exc)
+            return
+        if len(serving) == len(self.engines):
+            self.serving = serving
 
     def _down(self, i: int) -> None:
         self.down_until[i] = time.monotonic() + self.down_s
@@ -255,6 +290,8 @@ class EngineChoice:
                 yield [Event(finish_reason="error", error=admission.reason, retryable=True)]
                 return
             if not admission.admitted and not last:
+                if admission.draining:
+                    self._down(i)
                 yield _NEXT
                 return
             yield admission

@@ -35,6 +35,14 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
         metavar="M",
         help="engine deployments (default 1); with --expert-shards they share the shards",
     )
+    p.add_argument(
+        "--max-engine-replicas",
+        type=int,
+        metavar="M",
+        help="the most engines the controller may run (default: --engine-replicas, fixed): it "
+        "adds one when the queue, not the experts, limits tokens/ms, and removes it, drained, "
+        "when the work fits fewer",
+    )
     _add_shard_flags(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or MOE_SERVE_API_KEY)")
     p.add_argument("--config", metavar="YAML", help="a Ray Serve config file (configs/serve.yaml)")
@@ -135,6 +143,7 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         expert_shards=args.expert_shards,
         redundant_experts=args.redundant_experts,
         engine_replicas=args.engine_replicas,
+        max_engine_replicas=args.max_engine_replicas,
         overflow=args.overflow,
         expert_transport=args.expert_transport,
         shard_cpus=args.shard_cpus,
@@ -154,8 +163,8 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> int:
     from experts.checkpoint import Checkpoint
-    from serving.api.app import expert_options, model_dir
     from serving.api.model_info import ModelInfo
+    from serving.api.serving_model import expert_options, model_dir
 
     config = resolve_config(args)
     if config.calibration:
@@ -261,16 +270,16 @@ def _wait_for_shard_room(config: ServeConfig) -> None:
 def _deploy(config: ServeConfig) -> None:
     from ray import serve
 
-    from serving.api.app import APP_NAME, application
+    from serving.api.app import run_app
 
     # One HTTP proxy, on the head, as configs/serve.yaml says: Serve's default puts one on every
     # node with a replica, and losing such a node (an engine's) cut the connections it held.
     serve.start(proxy_location="HeadOnly", http_options={"host": config.host, "port": config.port})
-    serve.run(application(config), name=APP_NAME, route_prefix="/", blocking=False)
+    run_app(config)
 
 
 def _announce(config: ServeConfig) -> None:
-    from serving.api.app import served_name
+    from serving.api.serving_model import served_name
 
     base = f"http://{config.host}:{config.port}"
     auth = ' -H "Authorization: Bearer $MOE_SERVE_API_KEY"' if config.api_key else ""
@@ -289,10 +298,13 @@ def _announce(config: ServeConfig) -> None:
         from experts.link import resolve_transport
 
         transport = resolve_transport(config.expert_transport, config.device, config.shard_gpus)
-        if config.engine_replicas > 1:
-            transport = f"plain (shared by {config.engine_replicas} engines)"
+        if config.engines_at_most > 1:
+            transport = "plain (shared by the engines)"
         lines.insert(1, f"  experts on {config.expert_shards} ExpertShards, transport: {transport}")
-    if config.engine_replicas > 1:
+    if config.engines_at_most > config.engine_replicas:
+        more = f"{config.engine_replicas} engine replicas, up to {config.engines_at_most}"
+        lines.insert(1, f"  {more} as the controller decides")
+    elif config.engine_replicas > 1:
         lines.insert(1, f"  {config.engine_replicas} engine replicas")
     print("\n".join(lines), flush=True)
 
@@ -316,10 +328,12 @@ def _drain(config: ServeConfig) -> None:
 
     from serving.api.app import APP_NAME
     from serving.api.engines import engine_names
+    from serving.control.engine_scaler import engine_states
 
     timeout_s = config.drain_timeout_s
     try:
-        engines = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in engine_names(config)]
+        names = [s.name for s in engine_states(APP_NAME, engine_names(config)) if s.target > 0]
+        engines = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in names]
         in_flight, engines = _in_flight(engines, "drain")
         deadline = time.monotonic() + timeout_s
         while in_flight > 0 and time.monotonic() < deadline:

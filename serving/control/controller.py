@@ -9,12 +9,15 @@ Each period one action is proposed; the first rule that holds wins:
      while a batch fallback is in force (adaptive)       -> revert_fallback (one level)
   3. expert load CV across shards above target (0.15)    -> rebalance
   4. shortfall (live < target x (1 - margin)), deep queue
-     -> scale_out where resources allow, else batch_fallback where it has room, else hold
-  5. shortfall, shallow queue
-     -> scale_in when the work fits one device fewer, each still below target (surplus devices)
-        and the queue is at most `shallow_queue` (half the deep mark by default: the band
-        between holds the devices, so a queue hovering at the deep mark does not flap),
-        else batch_fallback where it has room, else hold
+     -> more of what limits: add_engine when the engines do (their own work, attention and the
+        dense layers, takes most of the step, or the experts run inside them) and one more may
+        start, scale_out (a shard) when the experts do and resources allow; else the other of
+        the two; else batch_fallback where it has room, else hold
+  5. shortfall, shallow queue (at most `shallow_queue`: half the deep mark by default; the band
+     between holds the devices, so a queue hovering at the deep mark does not flap)
+     -> remove_engine when the running requests fit half the batch slots of one engine fewer,
+        else scale_in when the work fits one device fewer, each still below target (surplus
+        devices), else batch_fallback where it has room, else hold
   6. otherwise                                           -> hold
 Hysteresis: an action is taken only after it was proposed `confirm_periods` periods in a row
 (`scale_in_periods` for scale_in, `revert_periods` for revert_fallback), and after any action
@@ -39,7 +42,10 @@ from serving.control.capacity import Plan, PlanOptions
 
 __all__ = ["BatchStrategy", "ControllerConfig", "FallbackConfig", "PhaseTarget", "decide"]
 
-Action = Literal["hold", "scale_out", "scale_in", "batch_fallback", "revert_fallback", "rebalance"]
+Action = Literal[
+    "hold", "scale_out", "scale_in", "batch_fallback", "revert_fallback", "rebalance",
+    "add_engine", "remove_engine",
+]  # fmt: skip
 ACTIONS: tuple[str, ...] = Action.__args__
 
 
@@ -64,6 +70,13 @@ class Observation(Frozen):
     # measured efficiency; None before any step.
     step_fractions: dict[str, float] | None = None
     measured_efficiency: float | None = None
+    # Engine replicas (attention, KV cache, scheduler; config.max_engine_replicas): how many
+    # serve, the requests in their batches and the batch slots of one.
+    engines: int = Field(1, ge=1)
+    running: int = Field(0, ge=0)
+    engine_slots: int = Field(0, ge=0)
+    can_add_engine: bool = False  # a standby engine exists and the cluster has room for it
+    can_remove_engine: bool = False  # more engines serve than the configured engine_replicas
 
 
 class BatchSettings(Frozen):
@@ -204,11 +217,15 @@ def propose(
     can_fallback = allowed and _fallback_room(config, state)
     queue = f"queue {obs.queue_depth}"
     if obs.queue_depth >= config.deep_queue:
-        if obs.can_scale_out:
-            return "scale_out", f"shortfall, deep {queue}: {rate}"
+        grow = _more_of_what_limits(obs)
+        if grow is not None:
+            return grow[0], f"shortfall, deep {queue}, {grow[1]}: {rate}"
         if can_fallback:
             return "batch_fallback", f"shortfall, deep {queue}, no room to scale out: {rate}"
         return "hold", f"shortfall, deep {queue}, no room to scale out nor fall back: {rate}"
+    if obs.queue_depth <= config.shallow_mark and _surplus_engine(obs):
+        fits = f"{obs.running} running fit half of {obs.engines - 1} engine(s)' slots"
+        return "remove_engine", f"surplus engine, shallow {queue}, {fits}: {rate}"
     fewer = obs.devices - 1
     surplus = fewer >= config.min_devices and obs.can_scale_in
     surplus = surplus and obs.queue_depth <= config.shallow_mark
@@ -219,10 +236,42 @@ def propose(
     return "hold", f"shortfall, shallow {queue}, no fallback left ({config.batch_strategy}): {rate}"
 
 
+ENGINE_PARTS = ("dense", "bubble")  # step-time parts that are the engine's own work
+
+
+def engine_bound(obs: Observation) -> bool:
+    """The engines limit the step: the experts run inside them (no shards), or their own work
+    (dense layers and attention, the bubbles between steps) is at least half of it. Else the
+    experts do: their compute, imbalance and transport take the larger part."""
+    if obs.expert_load_cv is None:
+        return True  # no shards: an engine carries its experts
+    fractions = obs.step_fractions or {}
+    return bool(fractions) and sum(fractions.get(p, 0.0) for p in ENGINE_PARTS) >= 0.5
+
+
+def _more_of_what_limits(obs: Observation) -> tuple[Action, str] | None:
+    """add_engine or scale_out for a deep queue, the limiting side's first; None: neither can."""
+    engines = (obs.can_add_engine, "add_engine", "the engines limit", "no engine to add")
+    experts = (obs.can_scale_out, "scale_out", "the experts limit", "no room for a shard")
+    first, second = (engines, experts) if engine_bound(obs) else (experts, engines)
+    if first[0]:
+        return first[1], first[2]
+    if second[0]:
+        return second[1], f"{first[2]}, {first[3]}"
+    return None
+
+
+def _surplus_engine(obs: Observation) -> bool:
+    """One engine fewer would still run every running request in half its batch slots (the
+    other half is the headroom that keeps a new burst from adding it straight back)."""
+    if not obs.can_remove_engine or obs.engines < 2 or obs.engine_slots < 1:
+        return False
+    return 2 * obs.running <= (obs.engines - 1) * obs.engine_slots
+
+
 def _periods_needed(config: ControllerConfig, action: str) -> int:
-    return {"scale_in": config.scale_in_periods, "revert_fallback": config.revert_periods}.get(
-        action, config.confirm_periods
-    )
+    slow = {"scale_in": config.scale_in_periods, "remove_engine": config.scale_in_periods}
+    return (slow | {"revert_fallback": config.revert_periods}).get(action, config.confirm_periods)
 
 
 def decide(

@@ -8,7 +8,9 @@ DeploymentHandle (`Engine.counters`, `Engine.apply`); the Engine carries them ou
 (serving/control/monitor.py). With several engines (config.engine_replicas: one deployment
 each) it reads every one and acts on the whole: their counters merged (`merge_counters`), a
 shard action sent to the first engine (the engines share the shards, whose owner does it once),
-a batch-strategy change to every engine.
+a batch-strategy change to every engine. Where more engines may run than run now
+(config.max_engine_replicas) it reads those Serve runs, and adds or removes one
+(serving/control/engine_scaler.py): an engine removed drains first and stops itself (`Engine.retire`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,19 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from serving.config import ServeConfig
 from serving.control.capacity import Plan
 from serving.control.controller import ControllerConfig, Decision, config_from_plan
 from serving.control.controller_loop import CONTROLLER_NAME, Counters, start_controller
+from serving.control.engine_scaler import (
+    EngineState,
+    engine_states,
+    next_to_add,
+    set_replicas,
+)
 
 log = logging.getLogger("moe_serve.controller")
 
@@ -99,6 +108,7 @@ def merge_counters(each: Sequence[Counters], engine_gpus: int = 0) -> Counters:
             tokens_generated=sum(c.tokens_generated for c in each),
             tokens_processed=None if None in processed else sum(processed),
             queue_depth=sum(c.queue_depth for c in each),
+            running=sum(c.running for c in each),
             gpus=first.gpus + engine_gpus * (len(each) - 1),
             measured_efficiency=None if engine_gpus or None in efficiency else sum(efficiency),
             expert_load_cv=worst("expert_load_cv"),
@@ -109,15 +119,46 @@ def merge_counters(each: Sequence[Counters], engine_gpus: int = 0) -> Counters:
     )
 
 
+@dataclass(frozen=True)
+class EngineScaling:
+    """What the controller needs to add and remove engines: the app's engine deployments run at
+    least `floor` of them; one more asks the cluster for `ask` (Ray resources), which it has or,
+    with `autoscaling`, an autoscaler will add a node for."""
+
+    floor: int
+    ask: dict[str, float]
+    autoscaling: bool = False
+
+    def room(self) -> bool:
+        import ray
+
+        if self.autoscaling:
+            return True
+        free = ray.available_resources()
+        return all(free.get(k, 0.0) >= v for k, v in self.ask.items() if v > 0)
+
+
 def _counters_reader(
-    app_name: str, names: Sequence[str], engine_gpus: int
+    app_name: str, names: Sequence[str], engine_gpus: int, scaling: EngineScaling | None = None
 ) -> Callable[[], Counters]:
-    engines = _engines(app_name, names)
+    engines = dict(zip(names, _engines(app_name, names), strict=True))
 
     def read() -> Counters:
-        calls = [engine.counters.remote() for engine in engines]  # all at once
+        states = engine_states(app_name, names) if scaling is not None else None
+        serving = [s.name for s in states if s.serving] if states else list(names)
+        calls = [engines[n].counters.remote() for n in serving or names[:1]]  # all at once
         each = [Counters.model_validate(c.result(timeout_s=CALL_TIMEOUT_S)) for c in calls]
-        return merge_counters(each, engine_gpus)
+        merged = merge_counters(each, engine_gpus)
+        if scaling is None:
+            return merged
+        staying = sum(not c.draining for c in each)
+        return merged.model_copy(
+            update=dict(
+                engines=max(1, staying),
+                can_add_engine=next_to_add(states) is not None and scaling.room(),
+                can_remove_engine=staying > scaling.floor,
+            )
+        )
 
     return read
 
@@ -125,11 +166,23 @@ def _counters_reader(
 SHARD_ACTIONS = ("scale_out", "scale_in", "rebalance")
 
 
-def _applier(app_name: str, names: Sequence[str]) -> Callable[[Decision], None]:
-    engines = _engines(app_name, names)
+def _applier(
+    app_name: str, names: Sequence[str], scaling: EngineScaling | None = None
+) -> Callable[[Decision], None]:
+    engines = dict(zip(names, _engines(app_name, names), strict=True))
+    handles = list(engines.values())
 
     def apply(decision: Decision) -> None:
-        to = engines[:1] if decision.action in SHARD_ACTIONS else engines
+        if decision.action in ("add_engine", "remove_engine"):
+            if scaling is None:
+                raise RuntimeError(f"{decision.action}: the app runs a fixed number of engines")
+            states = engine_states(app_name, names)
+            if decision.action == "add_engine":
+                _add_engine(app_name, states)
+            else:
+                _remove_engine(engines, states, scaling.floor)
+            return
+        to = handles[:1] if decision.action in SHARD_ACTIONS else handles
         calls = [engine.apply.remote(decision.model_dump(mode="json")) for engine in to]
         for call in calls:
             call.result(timeout_s=CALL_TIMEOUT_S)
@@ -137,17 +190,39 @@ def _applier(app_name: str, names: Sequence[str]) -> Callable[[Decision], None]:
     return apply
 
 
+def _add_engine(app_name: str, states: Sequence[EngineState]) -> None:
+    name = next_to_add(states)
+    if name is None:
+        raise RuntimeError("add_engine: every engine runs already")
+    set_replicas(app_name, name, 1)
+    log.info("engine %s asked for", name)
+
+
+def _remove_engine(engines: dict, states: Sequence[EngineState], floor: int) -> None:
+    """Retire the last serving engine that is not draining (never the first, the controller's):
+    it refuses new requests, finishes those it has, then asks Serve to stop it."""
+    serving = [s.name for s in states if s.serving][1:]
+    calls = {n: engines[n].stats.remote() for n in serving}
+    staying = [n for n in serving if not calls[n].result(timeout_s=CALL_TIMEOUT_S)["draining"]]
+    if len(staying) + 1 <= floor or not staying:
+        raise RuntimeError(f"remove_engine: no engine above the {floor} configured")
+    engines[staying[-1]].retire.remote().result(timeout_s=CALL_TIMEOUT_S)
+    log.info("engine %s retiring", staying[-1])
+
+
 def start_app_controller(
     config: ControllerConfig,
     app_name: str,
     engines: Sequence[str] = (ENGINE_DEPLOYMENT,),
     engine_gpus: int = 0,
+    scaling: EngineScaling | None = None,
 ):
     """Start (or find) the app's controller actor over its engine deployments `engines` (each
-    holding `engine_gpus` GPUs); factories, not handles, cross into it."""
+    holding `engine_gpus` GPUs; with `scaling`, as many run as the controller decides); factories,
+    not handles, cross into it."""
     return start_controller(
         config,
-        functools.partial(_counters_reader, app_name, tuple(engines), engine_gpus),
-        functools.partial(_applier, app_name, tuple(engines)),
+        functools.partial(_counters_reader, app_name, tuple(engines), engine_gpus, scaling),
+        functools.partial(_applier, app_name, tuple(engines), scaling),
         name=controller_name(app_name),
     )

@@ -66,6 +66,14 @@ class Counters(Frozen):
     can_scale_out: bool = False
     can_scale_in: bool = False
     can_rebalance: bool = True
+    # Engine replicas: the engine fills running and engine_slots (its batch slots now), the
+    # controller's reader the rest (serving/control/controller_app.py).
+    engines: int = Field(1, ge=1)
+    running: int = Field(0, ge=0)
+    engine_slots: int = Field(0, ge=0)
+    can_add_engine: bool = False
+    can_remove_engine: bool = False
+    draining: bool = False  # this engine takes no more requests (being stopped)
 
 
 class ActionRecord(Frozen):
@@ -153,7 +161,7 @@ class ControllerLoop:
         tokens = c.tokens_processed if c.tokens_processed is not None else c.tokens_generated
         self._window.add(self._clock(), tokens)
         fields = c.model_dump(
-            exclude={"tokens_generated", "tokens_processed", "gpus", "cpu_shards"}
+            exclude={"tokens_generated", "tokens_processed", "gpus", "cpu_shards", "draining"}
         )
         return Observation(
             tokens_per_ms_per_device=self._window.rate(devices), devices=devices, **fields

@@ -51,6 +51,9 @@ class Engine(Protocol):
 
     tokens_generated: int  # cumulative sampled tokens
     tokens_processed: int  # cumulative prompt + decode tokens run
+    running: list  # the sequences in the batch now
+    slot_limit: int  # batch slots in use now (the fallback may raise it)
+    draining: bool  # refusing new requests: being stopped
 
     @property
     def queue_depth(self) -> int: ...
@@ -231,6 +234,9 @@ class EngineMonitor:
             can_scale_out=shards > 0 and not busy and self._room_for_shard(),
             can_scale_in=shards > 1 and not busy,
             can_rebalance=shards > 0 and not busy and self._rebalance_helps(),
+            running=len(self.engine.running),
+            engine_slots=self.engine.slot_limit,
+            draining=self.engine.draining,
         )
 
     def _rebalance_helps(self) -> bool:

@@ -25,6 +25,7 @@ class Admission:
 
     admitted: bool
     reason: str = ""
+    draining: bool = False  # refused because the engine is shutting down (it takes no more)
 
 
 @dataclass(frozen=True)

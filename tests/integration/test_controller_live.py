@@ -41,7 +41,7 @@ def demo_app(serve_http: str, demo_path, app: str, **fields):
     Engine handle)."""
     from ray import serve
 
-    from serving.api.app import application
+    from serving.api.app import run_app
 
     defaults = dict(
         expert_shards=2,
@@ -53,7 +53,7 @@ def demo_app(serve_http: str, demo_path, app: str, **fields):
     config = ServeConfig(
         api_key=KEY, model=str(demo_path), served_model_name="demo", **(defaults | fields)
     )
-    serve.run(application(config), name=app, route_prefix="/", blocking=False)
+    run_app(config, app)
     wait_healthy(serve_http)
     try:
         yield serve_http, serve.get_deployment_handle("Engine", app_name=app)

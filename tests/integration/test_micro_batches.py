@@ -45,7 +45,7 @@ def test_split_step_equals_one_batch_and_overlaps(ray_session, demo_path, transp
 
 
 def test_a_served_models_overflow_policy_and_transport_reach_its_pool(ray_session, demo_path):
-    from serving.api.app import load_serving_model
+    from serving.api.serving_model import load_serving_model
     from serving.config import ServeConfig
 
     config = ServeConfig(model=str(demo_path), expert_shards=2, overflow="drop",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.api.engines import engine_names
 from serving.cli.command import build_parser
 from serving.cli.status import render
 from serving.cli.up import resolve_config
@@ -70,3 +71,18 @@ def test_engine_replicas_from_the_cli_and_yaml_and_only_plain_calls_share_shards
         config_from_args(args)
     assert config_from_args(args | {"expert_transport": "plain"}).engine_replicas == 2
     assert config_from_args({"engine_replicas": 2}).expert_shards == 0  # each holds its experts
+
+
+def test_max_engine_replicas_from_the_cli_and_yaml_never_below_the_start():
+    argv = ["up", "--engine-replicas", "2", "--max-engine-replicas", "4"]
+    config = resolve_config(build_parser().parse_args(argv))
+    assert (config.engine_replicas, config.engines_at_most) == (2, 4)
+    assert engine_names(config) == ["Engine", "Engine-1", "Engine-2", "Engine-3"]
+    yaml = load_config(ROOT / "configs" / "serve.yaml")
+    assert yaml.max_engine_replicas is None and yaml.engines_at_most == 1
+    with pytest.raises(UserError, match="max_engine_replicas: 1 is below engine_replicas"):
+        config_from_args({"engine_replicas": 2, "max_engine_replicas": 1})
+    # Engines that may start later share the shards too: plain calls only.
+    args = {"max_engine_replicas": 2, "expert_shards": 2, "expert_transport": "compiled"}
+    with pytest.raises(UserError, match="expert_transport: 'compiled' cannot be used"):
+        config_from_args(args)

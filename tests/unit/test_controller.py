@@ -42,6 +42,8 @@ def obs(live: float | None = TARGET, **fields) -> Observation:
 
 
 DEEP, SHALLOW = 20, 0
+ENGINE_HEAVY = {"dense": 0.5, "expert": 0.2, "transport": 0.2, "imbalance": 0.05, "bubble": 0.05}
+EXPERT_HEAVY = {"dense": 0.2, "expert": 0.4, "transport": 0.3, "imbalance": 0.05, "bubble": 0.05}
 TABLE = [
     # (name, observation, config fields, state fields, expected action)
     ("no measurement yet", obs(None), {}, {}, "hold"),
@@ -168,6 +170,80 @@ TABLE = [
         "batch_fallback",
     ),
     ("current phase 2: 12 is a shortfall", obs(12.0), {"phase": "phase 2"}, {}, "batch_fallback"),
+    # Engine replicas: more of what limits the step.
+    (
+        "deep queue, experts in the engines: another engine",
+        obs(5.0, queue_depth=DEEP, can_add_engine=True),
+        {},
+        {},
+        "add_engine",
+    ),
+    (
+        "deep queue, the dense side takes most of the step: an engine before a shard",
+        obs(
+            5.0,
+            queue_depth=DEEP,
+            can_add_engine=True,
+            can_scale_out=True,
+            expert_load_cv=0.1,
+            step_fractions=ENGINE_HEAVY,
+        ),
+        {},
+        {},
+        "add_engine",
+    ),
+    (
+        "deep queue, the experts take most of the step: a shard before an engine",
+        obs(
+            5.0,
+            queue_depth=DEEP,
+            can_add_engine=True,
+            can_scale_out=True,
+            expert_load_cv=0.1,
+            step_fractions=EXPERT_HEAVY,
+        ),
+        {},
+        {},
+        "scale_out",
+    ),
+    (
+        "deep queue, the experts limit but no room for a shard: an engine",
+        obs(
+            5.0,
+            queue_depth=DEEP,
+            can_add_engine=True,
+            expert_load_cv=0.1,
+            step_fractions=EXPERT_HEAVY,
+        ),
+        {},
+        {},
+        "add_engine",
+    ),
+    (
+        "shallow queue, the running requests fit half of one engine fewer",
+        obs(
+            5.0, queue_depth=SHALLOW, engines=3, running=16, engine_slots=16, can_remove_engine=True
+        ),
+        {},
+        {},
+        "remove_engine",
+    ),
+    (
+        "shallow queue, too many running for one engine fewer",
+        obs(
+            5.0, queue_depth=SHALLOW, engines=2, running=9, engine_slots=16, can_remove_engine=True
+        ),
+        {},
+        {},
+        "batch_fallback",
+    ),
+    (
+        "shallow queue, at the configured engines",
+        obs(5.0, queue_depth=SHALLOW, engines=2, running=0, engine_slots=16),
+        {},
+        {},
+        "batch_fallback",
+    ),
 ]
 
 
@@ -205,6 +281,13 @@ def test_hysteresis_interrupted_streak_restarts():
     cfg = config(confirm_periods=3)
     short, fine = obs(5.0, queue_depth=DEEP, can_scale_out=True), obs(TARGET)
     assert "scale_out" not in run_periods(cfg, [short, short, fine, short, short])
+
+
+def test_removing_an_engine_needs_the_longer_sustained_surplus():
+    cfg = config(confirm_periods=1, scale_in_periods=3, cooldown_periods=0)
+    idle = obs(5.0, queue_depth=SHALLOW, engines=2, running=0, engine_slots=16,
+               can_remove_engine=True)  # fmt: skip
+    assert run_periods(cfg, [idle] * 3) == ["hold", "hold", "remove_engine"]
 
 
 def test_scale_in_needs_longer_sustained_surplus():

@@ -203,3 +203,59 @@ def test_the_last_engine_unreachable_raises():
 
     with pytest.raises(ConnectionError):
         asyncio.run(main())
+
+
+def test_engines_that_do_not_serve_are_not_tried_until_they_do(model):
+    """An engine the controller has not started (no replica: a call would wait) takes nothing;
+    once the serving view says it runs, requests reach it."""
+    job = Job(tuple(prompts(1)[0]), SamplingParams(max_tokens=3))
+    view = [True, False]
+
+    async def read_serving():
+        return list(view)
+
+    async def main():
+        started = scheduler(model)
+        choice = EngineChoice(
+            [wired(EngineStreams(scheduler(model))), hanging()],
+            serving=[True, False], read_serving=read_serving, refresh_s=0.0,
+        )  # fmt: skip
+        before = [await run(choice, job) for _ in range(3)]  # the hanging one is never tried
+        choice.engines[1] = wired(EngineStreams(started))  # its replica is up
+        view[1] = True
+        await run(choice, job)  # the next request starts the refresh
+        await asyncio.sleep(0)
+        after = await asyncio.gather(*(run(choice, job) for _ in range(4)))
+        return before, after, started, choice
+
+    before, after, started, choice = asyncio.run(main())
+    assert all(items[0].admitted for items in before + list(after))
+    assert choice.serving == [True, True]
+    assert started.tokens_generated >= 6  # of the 4 in flight together, it took half
+    assert choice.down_until == [0.0, 0.0]  # nobody waited on the unstarted engine
+
+
+def test_a_draining_engine_passes_requests_on_and_goes_last(model):
+    job = Job(tuple(prompts(1)[0]), SamplingParams(max_tokens=3))
+
+    async def main():
+        leaving, staying = scheduler(model), scheduler(model)
+        leaving.draining = True  # the controller is removing it
+        choice = EngineChoice([wired(EngineStreams(leaving)), wired(EngineStreams(staying))])
+        choice._turn = len(choice.engines) - 1  # the draining engine comes first in turn
+        results = [await run(choice, job) for _ in range(2)]
+        return results, leaving, staying, choice
+
+    results, leaving, staying, choice = asyncio.run(main())
+    assert all(items[0].admitted for items in results)
+    assert leaving.tokens_generated == 0 and staying.tokens_generated == 6
+    assert choice.down_until[0] > 0 and choice.down_until[1] == 0.0
+
+
+def test_stats_totals_drain_only_when_every_engine_does():
+    from serving.api.engines import total_stats
+
+    leaving, staying = {"running": 1, "draining": True}, {"running": 2, "draining": False}
+    total = total_stats([leaving, staying, None])  # the third did not answer
+    assert (total["running"], total["draining"]) == (3, False)  # /health stays "ok"
+    assert total_stats([leaving, leaving])["draining"]

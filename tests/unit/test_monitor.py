@@ -62,6 +62,7 @@ class FakePool:
 class FakeScheduler:
     def __init__(self) -> None:
         self.tokens_generated, self.tokens_processed, self.queue_depth = 42, 50, 2
+        self.running, self.slot_limit, self.draining = [object()] * 3, 8, False
         self.batches: list[tuple[int, int]] = []
 
     def set_batch(self, budget: int, slots: int, wait_ms: float | None = None) -> dict:
@@ -101,6 +102,7 @@ def test_counters_for_the_controller(monkeypatch):
     assert c.expert_load_cv == 0.4 and c.max_over_mean == 1.9
     assert c.p99_ttft_s == pytest.approx(0.1) and c.p99_tpot_s == pytest.approx(0.02)
     assert c.can_scale_out and c.can_scale_in and c.can_rebalance
+    assert (c.running, c.engine_slots) == (3, 8)  # what the engine-replica rules weigh
     local = EngineMonitor(FakeScheduler(), None, None, on_gpu=True).counters()
     assert (local.gpus, local.cpu_shards, local.expert_load_cv) == (1, 0, None)
     assert not (local.can_scale_out or local.can_scale_in or local.can_rebalance)
