@@ -1,6 +1,6 @@
 """Scale-out and scale-in through Ray's autoscaler, on an autoscaling cluster on this machine.
 
-    .venv/bin/python scripts/autoscale.py [--clients 16] [--after-s 15] > a.json
+    .venv/bin/python scripts/autoscale.py [--clients 16] [--after-s 15] [--scale shards|engines] > a.json
 
 Starts a Ray head with Ray's fake multi-node provider (`ray start --head --autoscaling-config`,
 RAY_FAKE_CLUSTER=1: the autoscaler launches worker nodes as local processes, as it would launch
@@ -14,6 +14,11 @@ what is tested is the path from the controller's decision to a serving shard, no
    reservation makes the autoscaler start a node; the shard loads there and the engine switches.
 2. One client (a shallow queue): the controller decides scale_in; the shard is stopped and the
    autoscaler retires the idle node.
+
+With `--scale engines` the same with engine replicas: experts in the engine (it is what limits),
+`--max-engine-replicas 2`, worker nodes marked `moe_engine` (one engine a node); the controller
+decides add_engine, the second engine's replica makes the autoscaler start a node, and it serves
+there; then remove_engine: it drains and stops, and the node is retired.
 
 Prints one JSON report: seconds from each decision to serving (and to the node's start or
 retirement), the engine's measured tokens/ms (per device and in total) and the completions/s the
@@ -67,13 +72,15 @@ def main() -> None:
     ap.add_argument("--after-s", type=float, default=15.0, help="load kept after the scale-out")
     ap.add_argument("--port", type=int, default=8143)
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per phase")
+    ap.add_argument("--scale", choices=["shards", "engines"], default="shards",
+                    help="what the controller adds and removes")  # fmt: skip
     args = ap.parse_args()
     # Before Ray is imported: it reads the auth mode once, at import.
     os.environ.update(cluster_env())
     out = report_stream()
     tmp = Path(tempfile.mkdtemp(prefix="moe-as-"))
     try:
-        report = run(args, tmp)
+        report = run(args, tmp) | {"scale": args.scale}
     except BaseException:
         for log in ("up.log", "head.log"):  # what the server and the head said, for the failure
             if (tmp / log).exists():
@@ -98,8 +105,10 @@ def cluster_env() -> dict[str, str]:
                          "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}  # fmt: skip
 
 
-def autoscaling_config(gcs: str) -> dict:
-    """Ray's fake multi-node provider: the head, and one worker type of 1 CPU (0 to 1 nodes)."""
+def autoscaling_config(gcs: str, scale: str = "shards") -> dict:
+    """Ray's fake multi-node provider: the head, and one worker type of 1 CPU (0 to 1 nodes),
+    marked for an engine when engines scale."""
+    worker = {"CPU": 1} | ({ENGINE_RESOURCE: 1} if scale == "engines" else {})
     empty: dict = {key: [] for key in (
         "initialization_commands", "setup_commands", "head_setup_commands",
         "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
@@ -112,7 +121,7 @@ def autoscaling_config(gcs: str) -> dict:
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1, ENGINE_RESOURCE: 1}, "node_config": {},
                                  "max_workers": 0},
-            "cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0,
+            "cpu_worker": {"resources": worker, "node_config": {}, "min_workers": 0,
                            "max_workers": 1},
         },
         "head_node_type": "ray.head.default",
@@ -122,13 +131,13 @@ def autoscaling_config(gcs: str) -> dict:
     }  # fmt: skip
 
 
-def start_head(tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_head(tmp: Path, scale: str) -> tuple[subprocess.Popen, str]:
     from ray._private.services import get_node_ip_address
 
     port = free_port()
     gcs = f"{get_node_ip_address()}:{port}"
     config = tmp / "autoscaling.json"
-    config.write_text(json.dumps(autoscaling_config(gcs)))
+    config.write_text(json.dumps(autoscaling_config(gcs, scale)))
     ray_cli = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
            f"--resources={json.dumps({ENGINE_RESOURCE: 1})}", "--include-dashboard=false",
@@ -150,12 +159,15 @@ def stop_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
             continue
 
 
-def start_server(gcs: str, port: int, tmp: Path) -> subprocess.Popen:
+def start_server(gcs: str, port: int, tmp: Path, scale: str) -> subprocess.Popen:
     config = tmp / "serve.yaml"
     config.write_text(json.dumps({"applications": [{"args": SERVE_ARGS}]}))  # JSON is YAML
     cmd = [sys.executable, "-m", "serving.cli", "up", "--address", gcs, "--port", str(port),
-           "--config", str(config), "--expert-shards", "1", "--shard-cpus", "1",
-           "--api-key", KEY, "--engine-resource", ENGINE_RESOURCE]  # fmt: skip
+           "--config", str(config), "--api-key", KEY, "--engine-resource", ENGINE_RESOURCE]  # fmt: skip
+    if scale == "engines":
+        cmd += ["--engine-replicas", "1", "--max-engine-replicas", "2"]
+    else:
+        cmd += ["--expert-shards", "1", "--shard-cpus", "1"]
     say(" ".join(cmd[1:]))
     return subprocess.Popen(cmd, cwd=ROOT, env=cluster_env(), stdout=open(tmp / "up.log", "w"),  # noqa: SIM115
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -164,12 +176,12 @@ def start_server(gcs: str, port: int, tmp: Path) -> subprocess.Popen:
 def run(args: argparse.Namespace, tmp: Path) -> dict:
     import ray
 
-    head, gcs = start_head(tmp)
+    head, gcs = start_head(tmp, args.scale)
     server = None
     try:
         wait_for(lambda: connect(gcs), 60, "the head to start")
         say(f"autoscaling cluster up at {gcs}: {alive_nodes()} node(s)")
-        server = start_server(gcs, args.port, tmp)
+        server = start_server(gcs, args.port, tmp, args.scale)
         base = f"http://127.0.0.1:{args.port}"
         wait_ready(base)
         return measure(base, args)
@@ -231,23 +243,32 @@ def total_rate(report: dict) -> float | None:
     return None if live is None or not devices else round(live * devices, 4)
 
 
+# What grows and shrinks: the controller's actions, what serves once it grew, and once it shrank.
+SCALE = {
+    "shards": ("scale_out", "scale_in"),
+    "engines": ("add_engine", "remove_engine"),
+}
+
+
 def measure(base: str, args: argparse.Namespace) -> dict:
     timeout = args.timeout_s
+    grow, shrink = SCALE[args.scale]
     out: dict = {"clients": args.clients, "nodes_at_start": alive_nodes()}
     results, failures, stop, t0, _ = load(base, args.clients)
     # 1. Deep queue: scale_out -> node started -> shard serving.
     start = time.time()
-    decided = wait_for(lambda: action_time("scale_out", start), timeout, "a scale_out decision")
+    decided = wait_for(lambda: action_time(grow, start), timeout, f"a {grow} decision")
     scaled_out = decided
     before = status()
     out |= {"before": {"tokens_per_ms_per_device": before["tokens_per_ms_per_device"],
                        "tokens_per_ms": total_rate(before), "devices": before["devices"]}}  # fmt: skip
-    say("controller decided scale_out")
+    say(f"controller decided {grow}")
     wait_for(lambda: alive_nodes() == 2, timeout, "the autoscaler's node")
     node_s = time.time() - decided
-    serving = wait_for(two_shards, timeout, "the second shard serving")
+    grown = two_shards if args.scale == "shards" else two_engines
+    serving = wait_for(grown, timeout, f"the second {args.scale[:-1]} serving")
     serving_s = time.time() - decided
-    say(f"second shard serving {serving_s:.1f} s after the decision")
+    say(f"second {args.scale[:-1]} serving {serving_s:.1f} s after the decision")
     switched = time.monotonic() - t0
     time.sleep(args.after_s)
     after = status()
@@ -256,7 +277,8 @@ def measure(base: str, args: argparse.Namespace) -> dict:
     out |= {
         "scale_out": {"node_started_after_s": round(node_s, 1),
                       "serving_after_s": round(serving_s, 1),
-                      "shard_nodes": serving["shard_nodes"]},
+                      "shard_nodes": serving.get("shard_nodes"),
+                      "engine_nodes": serving.get("engine_nodes")},
         "after": {"tokens_per_ms_per_device": after["tokens_per_ms_per_device"],
                   "tokens_per_ms": total_rate(after), "devices": after["devices"]},
         "completions_per_s": rates(done, switched, args.after_s),
@@ -265,9 +287,10 @@ def measure(base: str, args: argparse.Namespace) -> dict:
     light, light_failures, light_stop, *_ = load(base, 1)
     # Counted from the scale-out: should the queue have dipped below deep for scale_in_periods
     # in a row already, the scale-in came before this phase.
-    decided = wait_for(lambda: action_time("scale_in", scaled_out), timeout, "a scale_in decision")
-    say("controller decided scale_in")
-    wait_for(lambda: len(status()["shard_nodes"]) == 1, timeout, "the shard to go")
+    decided = wait_for(lambda: action_time(shrink, scaled_out), timeout, f"a {shrink} decision")
+    say(f"controller decided {shrink}")
+    shrunk = one_shard if args.scale == "shards" else one_engine
+    wait_for(shrunk, timeout, f"the {args.scale[:-1]} to go")
     stopped_s = time.time() - decided
     wait_for(lambda: alive_nodes() == 1, timeout, "the autoscaler to retire the idle node")
     retired_s = time.time() - decided
@@ -275,7 +298,7 @@ def measure(base: str, args: argparse.Namespace) -> dict:
     time.sleep(2.0)
     every = done + list(light)
     out |= {
-        "scale_in": {"shard_stopped_after_s": round(stopped_s, 1),
+        "scale_in": {"stopped_after_s": round(stopped_s, 1),
                      "node_retired_after_s": round(retired_s, 1),
                      "idle_timeout_s": IDLE_TIMEOUT_MIN * 60},
         "requests": len(every),
@@ -287,6 +310,40 @@ def measure(base: str, args: argparse.Namespace) -> dict:
                     for a in status()["actions"]],
     }  # fmt: skip
     return out
+
+
+def one_shard() -> bool:
+    return len(status()["shard_nodes"]) == 1
+
+
+def engines_running() -> list[int]:
+    from serving.api.app import APP_NAME
+    from serving.control.engine_scaler import engine_states
+
+    return [s.running for s in engine_states(APP_NAME, ["Engine", "Engine-1"])]
+
+
+def two_engines() -> dict | None:
+    """The Ray nodes of both engines once the second serves."""
+    import ray
+
+    if engines_running() != [1, 1]:
+        return None
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    second = serve_handle("Engine-1").status.remote().result(timeout_s=30)["engine_node"]
+    return {"engine_nodes": [status()["engine_node"], second], "nodes": nodes}
+
+
+def one_engine() -> bool:
+    return engines_running() == [1, 0]
+
+
+def serve_handle(name: str):
+    from ray import serve
+
+    from serving.api.app import APP_NAME
+
+    return serve.get_deployment_handle(name, app_name=APP_NAME)
 
 
 def two_shards() -> dict | None:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from serving.errors import UserError
+
 CALL_TIMEOUT_S = 10.0
 RUNNING = "RUNNING"
 
@@ -82,18 +84,22 @@ def deploy(app, app_name: str, route_prefix: str | None, standby: Sequence[str])
     """serve.run for an app whose `standby` engines start with no replica.
 
     Serve refuses num_replicas=0 at deploy time, so the app is created without waiting for it to
-    run, the standby engines set to 0 at once (before their replicas are placed: the Serve
-    controller places them on its next round), and then waited for.
+    run, the standby engines set to 0 at once (the Serve controller has then, as measured, not
+    started their replicas yet; one it had would be stopped), and then waited for.
     """
     from ray import serve
 
     if not standby:
         serve.run(app, name=app_name, route_prefix=route_prefix, blocking=False)
         return
-    from ray.serve.api import _run
-
-    _run(app, name=app_name, route_prefix=route_prefix, external_scaler_enabled=True,
-         _blocking=False)  # fmt: skip
+    try:
+        target = serve.RunTarget(app, name=app_name, route_prefix=route_prefix,
+                                 external_scaler_enabled=True)  # fmt: skip
+    except (AttributeError, TypeError) as exc:
+        raise UserError(
+            "max_engine_replicas needs a Ray Serve with its external scaler (Ray 2.60 has it)"
+        ) from exc
+    serve.run_many([target], wait_for_applications_running=False)
     for name in standby:
         set_replicas(app_name, name, 0)
     _wait_running(app_name)

@@ -1,7 +1,8 @@
 """Scale-out and scale-in through Ray's autoscaler (issue 16): scripts/autoscale.py starts an
 autoscaling cluster on this machine (Ray's fake multi-node provider launches worker nodes as local
 processes), serves the demo with one shard filling the head, keeps the queue deep until the
-controller scales out, then light until it scales in.
+controller scales out, then light until it scales in. The same with engine replicas
+(`--scale engines`): the second engine lands on the node the autoscaler starts for it.
 
 Throughput before and after is reported (BENCHMARKS.md), not asserted: every node of this cluster
 shares the same cores, so a second shard adds transport and no compute here.
@@ -21,12 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
-    cmd = [sys.executable, "scripts/autoscale.py", "--after-s", "10"]
+def autoscale(*args: str) -> dict:
+    cmd = [sys.executable, "scripts/autoscale.py", "--after-s", "10", *args]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return autoscale()
 
 
 def test_a_deep_queue_scales_out_onto_a_node_the_autoscaler_starts(report: dict) -> None:
@@ -39,7 +44,7 @@ def test_a_deep_queue_scales_out_onto_a_node_the_autoscaler_starts(report: dict)
 
 def test_a_shallow_queue_scales_in_and_the_idle_node_is_retired(report: dict) -> None:
     scale_in = report["scale_in"]
-    assert scale_in["shard_stopped_after_s"] <= scale_in["node_retired_after_s"]
+    assert scale_in["stopped_after_s"] <= scale_in["node_retired_after_s"]
     assert any(e.endswith("on 1 shards") for e in report["events"]), report["events"]
 
 
@@ -54,3 +59,15 @@ def test_past_the_autoscalers_limit_the_controller_asks_once(report: dict) -> No
 def test_no_request_fails_through_both(report: dict) -> None:
     assert report["requests"] > 0
     assert report["failures"] == 0, report["failure_reasons"]
+
+
+def test_engine_replicas_scale_out_and_in_through_the_autoscaler() -> None:
+    report = autoscale("--scale", "engines", "--clients", "12")
+    assert report["nodes_at_start"] == 1
+    out = report["scale_out"]
+    assert out["node_started_after_s"] <= out["serving_after_s"]
+    first, second = out["engine_nodes"]
+    assert first != second and second in out["nodes"], ("the new engine on the new node", report)
+    scale_in = report["scale_in"]
+    assert scale_in["stopped_after_s"] <= scale_in["node_retired_after_s"]
+    assert report["requests"] > 0 and report["failures"] == 0, report["failure_reasons"]
