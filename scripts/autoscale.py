@@ -16,7 +16,8 @@ what is tested is the path from the controller's decision to a serving shard, no
    autoscaler retires the idle node.
 
 With `--scale engines` the same with engine replicas: experts in the engine (it is what limits),
-`--max-engine-replicas 2`, worker nodes marked `moe_engine` (one engine a node); the controller
+`--max-engine-replicas 2`, worker nodes marked `moe_engine` (one engine a node), batch strategy
+`fixed` (no fallback mixes into the figures); the controller
 decides add_engine, the second engine's replica makes the autoscaler start a node, and it serves
 there; then remove_engine: it drains and stops, and the node is retired.
 
@@ -161,7 +162,10 @@ def stop_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
 
 def start_server(gcs: str, port: int, tmp: Path, scale: str) -> subprocess.Popen:
     config = tmp / "serve.yaml"
-    config.write_text(json.dumps({"applications": [{"args": SERVE_ARGS}]}))  # JSON is YAML
+    args = SERVE_ARGS
+    if scale == "engines":  # no batch fallback meanwhile: the figures are the engine's alone
+        args = args | {"controller": args["controller"] | {"batch_strategy": "fixed"}}
+    config.write_text(json.dumps({"applications": [{"args": args}]}))  # JSON is YAML
     cmd = [sys.executable, "-m", "serving.cli", "up", "--address", gcs, "--port", str(port),
            "--config", str(config), "--api-key", KEY, "--engine-resource", ENGINE_RESOURCE]  # fmt: skip
     if scale == "engines":
