@@ -332,7 +332,9 @@ def _drain(config: ServeConfig) -> None:
 
     timeout_s = config.drain_timeout_s
     try:
-        names = [s.name for s in engine_states(APP_NAME, engine_names(config)) if s.target > 0]
+        names = engine_names(config)
+        if config.engines_at_most > config.engine_replicas:  # not the standby ones: none to wait on
+            names = [s.name for s in engine_states(APP_NAME, names) if s.target > 0]
         engines = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in names]
         in_flight, engines = _in_flight(engines, "drain")
         deadline = time.monotonic() + timeout_s
