@@ -158,10 +158,10 @@ class RayExpertPool(FansOut):
             self.events.append(f"compile failed: {type(exc).__name__}")
             log.warning("compiling the expert fan-out failed (%s); using plain calls", exc)
             return
-        with self._lock:
-            current = not self._dead and all(
-                a is b for a, b in zip(actors, self.shards, strict=True)
-            )
+        with self._lock:  # a shard added or removed meanwhile changes the count: not current
+            now = list(self.shards)
+            same = len(now) == len(actors) and all(a is b for a, b in zip(actors, now, strict=True))
+            current = not self._dead and same
         if not current:
             graph.teardown()
             return
