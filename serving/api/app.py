@@ -248,7 +248,7 @@ class Ingress:
         """The status of the first serving engine that answers in time (the controller's view
         covers every engine), with the number of engines serving."""
         engines = self._serving()
-        count = {"engine_replicas": len(engines)}
+        count = {"engine_replicas": len(engines), "max_engine_replicas": len(self.engines)}
         for engine in engines[:-1]:
             status = await within(engine.status.remote())
             if status is not None:

@@ -94,8 +94,12 @@ def render(report: StatusReport, now: float | None = None) -> str:
         lines.append(f"shard nodes           {nodes} ({len(set(report.shard_nodes))} nodes)")
     if report.expert_transport:
         lines.append(f"expert transport      {report.expert_transport}")
-    if report.engine_replicas > 1:
-        lines.append(f"engine replicas       {report.engine_replicas} (efficiency: the first's)")
+    if report.max_engine_replicas > 1:
+        upto = report.max_engine_replicas
+        most = f" of at most {upto}" if upto > report.engine_replicas else ""
+        lines.append(
+            f"engine replicas       {report.engine_replicas}{most} (efficiency: the first's)"
+        )
     if report.last_decision is not None:
         d = report.last_decision
         lines.append(f"last decision         {d.action}: {d.reason}")

@@ -102,7 +102,8 @@ class StatusReport(Frozen):
     # The Ray node id of each ExpertShard, in shard order (empty without shards).
     shard_nodes: list[str] = []
     engine_node: str | None = None  # the Ray node of the engine replica that answered
-    engine_replicas: int = 1  # engine deployments behind the ingress (filled by the ingress)
+    engine_replicas: int = 1  # engines serving behind the ingress (filled by the ingress)
+    max_engine_replicas: int = 1  # the most the controller may run (filled by the ingress)
     # How layers reach the shards now: "compiled" (the compiled graph), "plain" (actor calls: a
     # shard being replaced, or the graph released while idle); None without shards.
     expert_transport: str | None = None

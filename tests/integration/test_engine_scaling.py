@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from serving.cli.status import fetch_status, render
 from serving.config import MonitoringConfig
 from serving.control.controller import Decision
 from serving.control.controller_app import EngineScaling, _applier
@@ -44,6 +45,9 @@ def test_a_standby_engine_added_serves_on_the_same_shards_and_removed_drains(app
     url, engines = app
     assert running() == [1, 0]  # deployed, the standby engine has no replica
     assert len(serving(url)) == 1
+    report = fetch_status(url, KEY)  # what `moe-serve status` reads and prints
+    assert (report.engine_replicas, report.max_engine_replicas) == (1, 2)
+    assert "engine replicas       1 of at most 2" in render(report)
     apply = _applier(APP, ENGINES, EngineScaling(floor=1, ask={}))
     apply(Decision(action="add_engine", reason="test"))
     wait_until(lambda: running() == [1, 1], 120, lambda: f"the engine started: {running()}")
