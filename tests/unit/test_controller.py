@@ -43,6 +43,8 @@ def obs(live: float | None = TARGET, **fields) -> Observation:
 
 DEEP, SHALLOW = 20, 0
 ENGINE_HEAVY = {"dense": 0.5, "expert": 0.2, "transport": 0.2, "imbalance": 0.05, "bubble": 0.05}
+# A deep queue with shards, where another engine and another shard both fit.
+BOTH_CAN_GROW = dict(queue_depth=DEEP, can_add_engine=True, can_scale_out=True, expert_load_cv=0.1)
 EXPERT_HEAVY = {"dense": 0.2, "expert": 0.4, "transport": 0.3, "imbalance": 0.05, "bubble": 0.05}
 TABLE = [
     # (name, observation, config fields, state fields, expected action)
@@ -180,28 +182,14 @@ TABLE = [
     ),
     (
         "deep queue, the dense side takes most of the step: an engine before a shard",
-        obs(
-            5.0,
-            queue_depth=DEEP,
-            can_add_engine=True,
-            can_scale_out=True,
-            expert_load_cv=0.1,
-            step_fractions=ENGINE_HEAVY,
-        ),
+        obs(5.0, **BOTH_CAN_GROW, step_fractions=ENGINE_HEAVY),
         {},
         {},
         "add_engine",
     ),
     (
         "deep queue, the experts take most of the step: a shard before an engine",
-        obs(
-            5.0,
-            queue_depth=DEEP,
-            can_add_engine=True,
-            can_scale_out=True,
-            expert_load_cv=0.1,
-            step_fractions=EXPERT_HEAVY,
-        ),
+        obs(5.0, **BOTH_CAN_GROW, step_fractions=EXPERT_HEAVY),
         {},
         {},
         "scale_out",
