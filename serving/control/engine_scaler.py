@@ -115,13 +115,3 @@ def _wait_running(app_name: str, poll_s: float = 0.2) -> None:
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"the app failed to deploy: {status.message}")
         time.sleep(poll_s)
-
-
-def wait_for(app_name: str, name: str, running: int, timeout_s: float, poll_s: float = 0.2) -> bool:
-    """Wait until engine `name` has `running` replicas up; False when `timeout_s` passed."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if engine_states(app_name, [name])[0].running == running:
-            return True
-        time.sleep(poll_s)
-    return False
