@@ -110,6 +110,7 @@ class RayExpertPool(FansOut):
         )
         self.version = 0
         self._dead: set[int] = set()
+        self._closed = False  # shut down: a replacement under way stops
         self._lock = threading.Lock()
         # A prepared reconfiguration: (version, placements, the actors serving when it started,
         # the actors that loaded it, redundant copies).
@@ -225,7 +226,7 @@ class RayExpertPool(FansOut):
 
     def _replace(self, shard: int) -> None:
         """Start a new actor for `shard`, load its slots for the serving version, put it in."""
-        while True:
+        while not self._closed:
             try:
                 version, placements = self.version, self.placements()
                 self._wait_for_room(1)
@@ -234,7 +235,7 @@ class RayExpertPool(FansOut):
                         timeout=self.load_timeout_s)  # fmt: skip
                 node = self._nodes_of([actor])[0]
                 with self._lock:
-                    if version != self.version:  # a switch happened meanwhile: load again
+                    if self._closed or version != self.version:  # closed, or switched: again
                         ray.kill(actor)
                         continue
                     self.shards[shard] = actor
@@ -347,8 +348,10 @@ class RayExpertPool(FansOut):
         return True
 
     def shutdown(self) -> None:
+        self._closed = True
         if self.idle is not None:
             self.idle.stop()
+        self.fanout.close()
         with self.fanout.lock:
             graph, self.fanout.graph = self.fanout.graph, None
         if graph is not None:
