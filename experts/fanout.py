@@ -26,6 +26,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayError
 
 from experts import link
+from experts.graph_watch import GraphWatch, close_stuck
 from experts.pool import ExpertUnavailableError
 from experts.shard import from_numpy, to_numpy
 from experts.timing import ExpertTime
@@ -55,6 +56,7 @@ class CompiledGraph:
         from ray.dag import InputNode, MultiOutputNode
 
         self.actors = list(actors)
+        self.released = False  # teardown begun: later calls return at once
         with InputNode() as inp:
             outs = [self._bind(a, inp, s, len(self.actors)) for s, a in enumerate(self.actors)]
             # Two executions in flight: two micro-batches (serving/engine/model.py). Ray's
@@ -78,11 +80,17 @@ class CompiledGraph:
         return [from_numpy(y, dtype, device) for y, _ in ys], [seconds for _, seconds in ys]
 
     def teardown(self, background: bool = True) -> None:
-        """Release the graph; with a dead actor inside this can take seconds, so by default it
-        runs on a background thread."""
-        if background:
-            threading.Thread(target=self.teardown, args=(False,), daemon=True).start()
+        """Release the graph, once; with a dead actor inside this can take seconds, so by default
+        it runs on a background thread."""
+        if self.released:
             return
+        self.released = True
+        if background:
+            threading.Thread(target=self._release, daemon=True).start()
+        else:
+            self._release()
+
+    def _release(self) -> None:
         try:
             self._graph.teardown()
         except Exception as exc:  # already broken: nothing more to release
@@ -155,13 +163,24 @@ class Fanout:
         self.graph: CompiledGraph | None = None  # the compiled fan-out, when live
         self.lock = threading.Lock()  # guards `graph` between the forward thread and the pool
         self.events = events  # the pool's event log: what happened, newest last
+        self.watch: GraphWatch | None = None  # closes a hung graph; made with the first graph
 
     def set_graph(self, graph: CompiledGraph | None) -> None:
         """Put a graph in (None: plain calls from now on); the one replaced is torn down."""
+        if graph is not None and self.watch is None:
+            self.watch = GraphWatch(self.call_timeout_s, self._close_stuck)
         with self.lock:
             old, self.graph = self.graph, graph
         if old is not None and old is not graph:
             old.teardown()
+
+    def _close_stuck(self, graph: CompiledGraph) -> None:
+        close_stuck(graph, self.call_timeout_s, self.on_failure, self.events)
+
+    def close(self) -> None:
+        """Stop the watch (the pool's shutdown)."""
+        if self.watch is not None:
+            self.watch.stop()
 
     def start(self, actors: list, dead: set[int], version: int, layer: int,
               placement: Placement, x: torch.Tensor, counts: torch.Tensor,
@@ -188,7 +207,8 @@ class Fanout:
                 return None
             job.graph = self.graph
             try:
-                return self.graph.execute(job.version, job.layer, xs, cs)
+                with self.watch.waiting(job.graph):
+                    return job.graph.execute(job.version, job.layer, xs, cs)
             except Exception as exc:  # a shard died and Ray closed the graph's channels already
                 self._drop(job.graph, exc)
                 return None
@@ -218,8 +238,9 @@ class Fanout:
         """The compiled execution's outputs; None when it failed (a shard died or hung: the
         graph is torn down and plain calls find which)."""
         try:
-            ys, seconds = job.graph.results(job.refs, self.call_timeout_s, self.dtype,
-                                            job.x.device)  # fmt: skip
+            with self.watch.waiting(job.graph):
+                ys, seconds = job.graph.results(job.refs, self.call_timeout_s, self.dtype,
+                                                job.x.device)  # fmt: skip
         except Exception as exc:
             with self.lock:
                 self._drop(job.graph, exc)

@@ -201,6 +201,48 @@ def test_hung_shard_is_detected_by_timeout(ray_session, demo_path, reference):
         model.close()
 
 
+def test_a_call_stuck_on_a_stopped_shard_ends_when_the_watch_closes_the_graph(
+    ray_session, demo_path, reference
+):
+    """Ray's channels take a header semaphore that a stopped shard may hold with an untimed wait
+    (experts/graph_watch.py): the watch closes the graph, the waiting call raises, and the shard
+    that does not answer is reported failed (killed and replaced). Here the call's own timeout is
+    60 s, so that only the watch ends the wait early; without the report, Ray would wait 10 s
+    more for the stopped shard's loop."""
+    from ray.exceptions import RayError
+
+    from experts.graph_watch import GraphWatch, close_stuck
+
+    model = load_model(demo_path, expert_shards=2, redundant_experts=8)
+    pool = model.pool
+    watch = GraphWatch(1.0, lambda g: close_stuck(g, 1.0, pool.fanout.on_failure, pool.events))
+    pid = _shard_pid(pool, 1)
+    try:
+        wait_until(lambda: pool.fanout.graph, 30, lambda: f"a compiled graph: {pool.events}")
+        graph = pool.fanout.graph
+        xs, counts = [], []
+        for lo, hi in pool.balancer.placement(0).shard_ranges():  # 2 rows for each shard
+            xs.append(torch.randn(2, model.config.hidden_size))
+            counts.append(torch.nn.functional.one_hot(torch.tensor(0), hi - lo).mul(2).numpy())
+        os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RayError), watch.waiting(graph):
+            graph.results(graph.execute(pool.version, 0, xs, counts), 60.0, torch.float32,
+                          torch.device("cpu"))  # fmt: skip
+        elapsed = time.monotonic() - start
+        print(f"the stuck call ended after {elapsed:.2f} s")
+        assert elapsed < 8.0, elapsed  # the watch's 1 s and the ping's 1 s, not 11 s or 60 s
+        assert "compiled graph closed: a call outlived the timeout" in pool.events
+        assert any(e.startswith("shard 1 failed: GetTimeoutError") for e in pool.events)
+        assert not any(e.startswith("shard 0 failed") for e in pool.events)
+        assert (model(IDS) - reference).abs().max().item() < 1e-5  # served by the other copies
+        wait_until(lambda: "shard 1 replaced" in pool.events, 60, lambda: f"{pool.events}")
+    finally:
+        watch.stop()
+        os.kill(pid, signal.SIGCONT)
+        model.close()
+
+
 def test_forward_threads_do_not_fail_during_rebalance(ray_session, demo_path, reference):
     """A forward loop in another thread (as the server runs it) sees no error across a switch."""
     model = load_model(demo_path, expert_shards=3, redundant_experts=3)

@@ -123,7 +123,10 @@ class TestTwoCopies:
         try:
             for _ in range(3):
                 start = time.monotonic()
-                status, _, reply = completion(url, timeout=30)
+                try:
+                    status, _, reply = completion(url, timeout=30)
+                except TimeoutError:
+                    pytest.fail(f"no answer within 30 s; the pool's events: {events(router)}")
                 assert status == 200, reply
                 assert time.monotonic() - start < 5.0  # the bound for a hang
             assert "shard 1 failed: GetTimeoutError" in events(router)
