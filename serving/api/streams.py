@@ -45,6 +45,10 @@ Batch = list[tuple[str, list[Event]]]  # (request id, its new events), every req
 ADMISSION_TIMEOUT_S = 3.0
 DOWN_S = 30.0
 REFRESH_S = 1.0
+# EngineStreams: a cancel that comes before its request (the ingress gave up waiting for the
+# admission while the submit was still on its way) is kept this long, so that the late submit is
+# refused rather than generated for nobody.
+CANCELLED_KEEP_S = 60.0
 
 
 class EngineStreams:
@@ -58,8 +62,11 @@ class EngineStreams:
         )
         self._pumps: dict[str, asyncio.Task] = {}  # request id -> the task moving its events
         self._streams: dict[str, set[str]] = defaultdict(set)  # stream id -> its request ids
+        self._cancelled: dict[str, float] = {}  # request id -> when, cancelled before submitted
 
     def submit(self, job: Job, stream: str, request: str) -> Admission:
+        if self._cancelled.pop(request, None) is not None:
+            return Admission(False, "the request was cancelled before it reached the engine")
         try:
             seq = self.scheduler.submit(list(job.prompt), job.params, job.stop, job.logprobs)
         except QueueFull as exc:
@@ -86,10 +93,19 @@ class EngineStreams:
             queue.put_nowait(None)
 
     def cancel(self, request: str) -> None:
-        """The client went away: stop generating for it (its pump's close cancels it)."""
+        """The client went away: stop generating for it (its pump's close cancels it); one not
+        submitted yet is refused when it comes."""
         task = self._pumps.get(request)
         if task is not None:
             task.cancel()
+            return
+        now = time.monotonic()
+        while self._cancelled:  # oldest first: drop those kept long enough
+            oldest, at = next(iter(self._cancelled.items()))
+            if now - at < CANCELLED_KEEP_S:
+                break
+            del self._cancelled[oldest]
+        self._cancelled[request] = now
 
     async def stream(self, stream: str) -> AsyncIterator[Batch]:
         """Every event of the stream's requests, as they come: each item holds all that waited,

@@ -95,6 +95,26 @@ def test_a_client_that_goes_away_frees_its_slot(model):
     assert scheduler.tokens_generated < 500
 
 
+def test_a_request_cancelled_before_it_arrives_is_refused_when_it_comes(model):
+    """The ingress stops waiting for an admission (serving/api/streams.py ADMISSION_TIMEOUT_S)
+    and cancels while its submit is still on the way: the late submit generates nothing."""
+    job = Job(tuple(prompts(1)[0]), SamplingParams(max_tokens=5))
+
+    async def main():
+        scheduler = Scheduler(model, SchedulerConfig(max_batch_slots=2, step_token_budget=64))
+        engine = EngineStreams(scheduler)
+        engine.cancel("late")
+        late = engine.submit(job, "s", "late")
+        waiting_after_late = scheduler.in_flight
+        other = engine.submit(job, "s", "other")  # another request is not affected
+        return late, waiting_after_late, other
+
+    late, waiting_after_late, other = asyncio.run(main())
+    assert not late.admitted and "cancelled" in late.reason
+    assert waiting_after_late == 0
+    assert other.admitted
+
+
 def test_a_broken_stream_ends_waiting_requests_with_a_retryable_error(model):
     job = Job(tuple(prompts(1)[0]), SamplingParams(max_tokens=50))
 
