@@ -38,7 +38,7 @@ class GraphWatch:
         self.timeout_s = timeout_s
         self._close = close
         self._call: tuple[float, object] | None = None  # (began, graph) of the call under way
-        self._closed: object | None = None  # the last graph closed: closed once
+        self._closed: object | None = None  # the graph closed for the call under way: once
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="graph-watch").start()
 
@@ -49,7 +49,7 @@ class GraphWatch:
         try:
             yield
         finally:
-            self._call = None
+            self._call = self._closed = None  # holds no graph past its call
 
     def check(self, now: float) -> bool:
         """Close the graph of a call under way for more than timeout_s; True when it did."""
