@@ -32,6 +32,7 @@ from serving.api.engines import (
     engine_ask,
     engine_names,
     ingress_streams,
+    merged_status,
     total_stats,
     within,
 )
@@ -246,14 +247,16 @@ class Ingress:
 
     async def _status(self) -> dict:
         """The status of the first serving engine that answers in time (the controller's view
-        covers every engine), with the number of engines serving."""
+        covers every engine; the overflow counts are summed over all that answer), with the
+        number of engines serving."""
         engines = self._serving()
         count = {"engine_replicas": len(engines), "max_engine_replicas": len(self.engines)}
-        for engine in engines[:-1]:
-            status = await within(engine.status.remote())
-            if status is not None:
-                return status | count
-        return (await engines[-1].status.remote()) | count
+        if len(engines) == 1:
+            return (await engines[0].status.remote()) | count
+        each = await asyncio.gather(*(within(e.status.remote()) for e in engines))
+        if not any(each):  # none in time: wait on one (Serve may be starting its replica)
+            each = [await engines[-1].status.remote()]
+        return merged_status(each) | count
 
 
 def _metrics():

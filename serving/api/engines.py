@@ -68,6 +68,23 @@ def total_stats(each: list[dict | None]) -> dict:
     return total | {"engines": each}
 
 
+def merged_status(each: list[dict | None]) -> dict:
+    """One status from the engines' (None: no answer): the first answer's, with the overflow
+    counts summed over every answer (each engine's balancer counts its own tokens). Raises when
+    none answered."""
+    answered = [e for e in each if e is not None]
+    if not answered:
+        raise RuntimeError("no engine answered")
+    overflows = [e["overflow"] for e in answered if e.get("overflow")]
+    if not overflows:
+        return answered[0]
+    layers = [
+        {kind: sum(o["layers"][i][kind] for o in overflows) for kind in overflows[0]["layers"][i]}
+        for i in range(len(overflows[0]["layers"]))
+    ]
+    return answered[0] | {"overflow": overflows[0] | {"layers": layers}}
+
+
 ANSWER_S = 3.0  # an engine that has not answered a stats or status call by then is skipped
 
 

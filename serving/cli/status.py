@@ -98,7 +98,8 @@ def render(report: StatusReport, now: float | None = None) -> str:
         upto = report.max_engine_replicas
         most = f" of at most {upto}" if upto > report.engine_replicas else ""
         lines.append(
-            f"engine replicas       {report.engine_replicas}{most} (efficiency: the first's)"
+            f"engine replicas       {report.engine_replicas}{most} "
+            "(efficiency: the first's; overflow: all)"
         )
     if report.last_decision is not None:
         d = report.last_decision

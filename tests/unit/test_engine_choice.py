@@ -259,3 +259,22 @@ def test_stats_totals_drain_only_when_every_engine_does():
     total = total_stats([leaving, staying, None])  # the third did not answer
     assert (total["running"], total["draining"]) == (3, False)  # /health stays "ok"
     assert total_stats([leaving, leaving])["draining"]
+
+
+def test_status_sums_every_engines_overflow_and_keeps_the_first_answer():
+    from serving.api.engines import merged_status
+
+    def status(split: int, dropped: int, node: str) -> dict:
+        layer = {"split": split, "rerouted": 0, "dropped": dropped}
+        return {"engine_node": node, "overflow": {"policy": "split", "layers": [layer, layer]}}
+
+    merged = merged_status([None, status(3, 1, "a"), status(4, 0, "b")])  # the first: no answer
+    assert merged["engine_node"] == "a"
+    assert merged["overflow"]["policy"] == "split"
+    assert merged["overflow"]["layers"] == [{"split": 7, "rerouted": 0, "dropped": 1}] * 2
+    assert merged_status([{"engine_node": "c", "overflow": None}]) == {
+        "engine_node": "c",
+        "overflow": None,
+    }
+    with pytest.raises(RuntimeError, match="no engine answered"):
+        merged_status([None])
