@@ -9,15 +9,12 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
+from experts.shard import DTYPES
 from serving.errors import UserError
 
 if TYPE_CHECKING:
     from serving.engine.sampling import SamplingParams
     from serving.engine.tokenizer import TextTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
