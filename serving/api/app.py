@@ -174,9 +174,14 @@ class Engine:
         return await self.stats()
 
     async def _close_when_idle(self) -> None:
-        while self.scheduler.in_flight:
-            await asyncio.sleep(0.05)
+        await self._idle()
         self.streams.close()
+
+    async def _idle(self, within_s: float | None = None) -> None:
+        """Returns once no request is in flight, or within_s has passed."""
+        deadline = None if within_s is None else time.monotonic() + within_s
+        while self.scheduler.in_flight and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
 
     async def retire(self) -> dict:
         """The controller removes this engine: drain it (new requests go to the other engines),
@@ -190,9 +195,7 @@ class Engine:
     async def _stop_when_drained(self) -> None:
         from serving.control.engine_scaler import set_replicas
 
-        deadline = time.monotonic() + self.drain_timeout_s
-        while self.scheduler.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._idle(self.drain_timeout_s)
         context = serve.get_replica_context()
         await asyncio.to_thread(set_replicas, context.app_name, context.deployment, 0)
 
