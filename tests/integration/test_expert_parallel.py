@@ -196,6 +196,10 @@ def test_hung_shard_is_detected_by_timeout(ray_session, demo_path, reference):
         assert time.monotonic() - start < 4 * HANG_TIMEOUT_S
         assert (out - reference).abs().max().item() < 1e-5
         assert any(e.startswith("shard 1 failed: GetTimeoutError") for e in pool.events)
+        # replaced, and the graph rebuilt over the new shard (closing the model while that graph
+        # compiles would leave Ray's compile to fail under it)
+        wait_until(lambda: pool.transport_in_use == "compiled" and "shard 1 replaced" in
+                   pool.events, 60, lambda: f"replaced and compiled: {pool.events}")  # fmt: skip
     finally:
         os.kill(pid, signal.SIGCONT)  # the pool killed it; let the kill land
         model.close()
@@ -236,7 +240,8 @@ def test_a_call_stuck_on_a_stopped_shard_ends_when_the_watch_closes_the_graph(
         assert any(e.startswith("shard 1 failed: GetTimeoutError") for e in pool.events)
         assert not any(e.startswith("shard 0 failed") for e in pool.events)
         assert (model(IDS) - reference).abs().max().item() < 1e-5  # served by the other copies
-        wait_until(lambda: "shard 1 replaced" in pool.events, 60, lambda: f"{pool.events}")
+        wait_until(lambda: pool.transport_in_use == "compiled" and "shard 1 replaced" in
+                   pool.events, 60, lambda: f"replaced and compiled: {pool.events}")  # fmt: skip
     finally:
         watch.stop()
         os.kill(pid, signal.SIGCONT)
