@@ -58,9 +58,7 @@ def total_stats(each: list[dict | None]) -> dict:
     """Engines' stats summed over those that answered (counts, slots, tokens; a flag such as
     `draining` only where all have it: while one engine drains, being removed, the others take
     requests), each under `engines` (None: no answer). Raises when none answered."""
-    answered = [e for e in each if e is not None]
-    if not answered:
-        raise RuntimeError("no engine answered")
+    answered = _answered(each)
     total: dict = {}
     for key, value in answered[0].items():
         values = [e[key] for e in answered]
@@ -72,17 +70,23 @@ def merged_status(each: list[dict | None]) -> dict:
     """One status from the engines' (None: no answer): the first answer's, with the overflow
     counts summed over every answer (each engine's balancer counts its own tokens). Raises when
     none answered."""
-    answered = [e for e in each if e is not None]
-    if not answered:
-        raise RuntimeError("no engine answered")
+    answered = _answered(each)
     overflows = [e["overflow"] for e in answered if e.get("overflow")]
     if not overflows:
         return answered[0]
-    layers = [
-        {kind: sum(o["layers"][i][kind] for o in overflows) for kind in overflows[0]["layers"][i]}
-        for i in range(len(overflows[0]["layers"]))
+    layers = [  # one layer's counts from every engine -> their sums
+        {kind: sum(counts[kind] for counts in same) for kind in same[0]}
+        for same in zip(*(o["layers"] for o in overflows), strict=True)
     ]
     return answered[0] | {"overflow": overflows[0] | {"layers": layers}}
+
+
+def _answered(each: list[dict | None]) -> list[dict]:
+    """The engines' answers that came (None: no answer); raises when none did."""
+    answered = [e for e in each if e is not None]
+    if not answered:
+        raise RuntimeError("no engine answered")
+    return answered
 
 
 ANSWER_S = 3.0  # an engine that has not answered a stats or status call by then is skipped
