@@ -98,15 +98,20 @@ torch::Tensor unpack(torch::Tensor p, int64_t N) {  // inverse of pack: [N, K]
   return p.transpose(1, 2).reshape({NB * NR, K}).narrow(0, 0, N).contiguous();
 }
 
-// Whether blocks prefetch what streams next. Whether it pays depends on the machine (measured:
-// 30% faster on one, 1-6% slower on another), so experts/prefetch.py measures it at load.
-static bool g_prefetch = true;
+// Whether blocks prefetch what streams next, for calls of at most MR rows (one tile: each block
+// read once, bound by memory) and of more (tiles reread each block from cache: bound by
+// arithmetic). Whether it pays depends on the machine and the regime (measured on one machine:
+// 30% faster at 4 rows; on another 18% slower at 4 rows and 9% faster at 16), so
+// experts/prefetch.py measures each at load.
+static bool g_prefetch[2] = {true, true};  // [M <= MR, M > MR]
 
-bool set_prefetch(bool on) {  // returns the setting it replaces
-  const bool was = g_prefetch;
-  g_prefetch = on;
+bool set_prefetch(bool on, bool many) {  // returns the setting it replaces
+  const bool was = g_prefetch[many];
+  g_prefetch[many] = on;
   return was;
 }
+
+int64_t tile_rows() { return MR; }  // rows one tile holds: the regimes' boundary
 
 // y [M, N] (row stride ldy) = x [M, K] @ W.T for the weight packed in p. `next`: the weight
 // the caller streams after this one, whose first block the last block pulls in meanwhile (else
@@ -118,7 +123,7 @@ static void mm_into(const torch::Tensor& x, const torch::Tensor& p, int64_t N, f
   if (M == 0) return;
   const float* xp = x.data_ptr<float>();
   const float* wp = p.data_ptr<float>();
-  const bool ahead = g_prefetch;
+  const bool ahead = g_prefetch[M > MR];
   at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       block_rows(xp, K, wp + b * K * NR, K, yp + b * NR, ldy, M, std::min<int64_t>(NR, N - b * NR),

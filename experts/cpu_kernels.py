@@ -123,7 +123,8 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("unpack(Tensor p, int n) -> Tensor", &unpack);
   m.def("mm(Tensor x, Tensor p, int n) -> Tensor", &mm_op);
   m.def("threads_used(int n) -> int", &threads_used);
-  m.def("set_prefetch(bool on) -> bool", &set_prefetch);
+  m.def("set_prefetch(bool on, bool many) -> bool", &set_prefetch);
+  m.def("tile_rows() -> int", &tile_rows);
   m.def("swiglu(Tensor x, int[] counts, Tensor[] w13, Tensor[] w2, int f) -> Tensor", &swiglu);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor pos, int window, "
         "float scale) -> Tensor", &decode_attention);
@@ -204,10 +205,17 @@ def mm(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return _module().mm(x, packed, n)
 
 
-def set_prefetch(on: bool) -> bool:
-    """Whether `mm` and `swiglu` prefetch the weight that streams next (same results either way;
-    experts/prefetch.py measures which is faster here). Returns the setting it replaces."""
-    return _module().set_prefetch(on)
+def set_prefetch(on: bool, many: bool = False) -> bool:
+    """Whether `mm` and `swiglu` prefetch the weight that streams next, in calls of at most
+    `tile_rows()` rows (many=False) or of more (many=True); the same results either way
+    (experts/prefetch.py measures which is faster here). Returns the setting it replaces."""
+    return _module().set_prefetch(on, many)
+
+
+def tile_rows() -> int:
+    """Rows the kernel holds in registers at once (8 with AVX-512, 4 with AVX2): a call with
+    more rereads every weight block from cache, and is bound by arithmetic, not memory."""
+    return _module().tile_rows()
 
 
 def threads_used(n: int) -> int:

@@ -195,18 +195,23 @@ def test_prefetch_changes_no_result_and_is_set_by_measuring():
     ).packed_for_cpu()
     w13, w2 = [p[0].packed for p in weights.packed], [p[1].packed for p in weights.packed]
     x = torch.randn(sum(counts), d, generator=g)
-    was = cpu_kernels.set_prefetch(True)
+    was = [cpu_kernels.set_prefetch(True, many) for many in (False, True)]
     try:
         with_it = cpu_kernels.swiglu(x, counts, w13, w2, f)
-        mm_with_it = cpu_kernels.mm(x, w13[0], 2 * f)
-        assert cpu_kernels.set_prefetch(False) is True
+        assert cpu_kernels.tile_rows() in (4, 8)  # AVX2, AVX-512
+        mm_with_it = cpu_kernels.mm(x, w13[0], 2 * f)  # 11 rows: more than a tile
+        assert cpu_kernels.set_prefetch(False) is True  # the few-rows regime
+        assert cpu_kernels.set_prefetch(False, many=True) is True  # the other one, apart
+        assert cpu_kernels.set_prefetch(False, many=True) is False
         assert torch.equal(cpu_kernels.swiglu(x, counts, w13, w2, f), with_it)
         assert torch.equal(cpu_kernels.mm(x, w13[0], 2 * f), mm_with_it)
-        kept = prefetch.tune(weights, calls=1)
-        assert kept in (True, False) and cpu_kernels.set_prefetch(kept) is kept
+        few, many = prefetch.tune(weights, calls=1)
+        assert cpu_kernels.set_prefetch(few) is few
+        assert cpu_kernels.set_prefetch(many, many=True) is many
         assert prefetch.tune(ExpertWeights(torch.zeros(0), torch.zeros(0))) is None  # unpacked
     finally:
-        cpu_kernels.set_prefetch(was)
+        for many, on in zip((False, True), was, strict=True):
+            cpu_kernels.set_prefetch(on, many)
 
 
 @pytest.mark.parametrize(
