@@ -20,6 +20,12 @@ def two_free_cpus(ray_session):
     """Hold every free CPU of the session's Ray but two, as on a 2-CPU machine."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    # Actors of earlier tests may still be giving their CPUs back: a count read meanwhile would
+    # grow under the blocker, and the shards would see more than two (seen after
+    # test_micro_batches.py). Wait a while for every CPU, then take what is free.
+    total, deadline = ray_session.cluster_resources().get("CPU", 0.0), time.monotonic() + 30
+    while ray_session.available_resources().get("CPU", 0.0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
     free = ray_session.available_resources().get("CPU", 0.0)
     assert free >= 2, f"the session's Ray has {free} CPUs free"
     pg = placement_group([{"CPU": free - 2}]) if free > 2 else None
