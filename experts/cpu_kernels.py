@@ -8,6 +8,8 @@
 - `decode_attention`, `first_max`, `rms_norm`, `kv_write`: every decode row's attention over
   its own live keys in the KV cache, the greedy pick over the step's logits, RMSNorm and the
   cache write, each one pass where torch takes several operators (experts/cpu_decode_source.py).
+- `top_k_gating`, `group_by_slot`, `combine_add`: the MoE layer's steps around the experts, each
+  one call where torch takes several operators (experts/cpu_moe_source.py).
 
 The C++ source is compiled on first use with torch's extension builder (g++; about a minute,
 cached per machine and instruction set). Where that cannot happen (no compiler, another CPU
@@ -25,7 +27,7 @@ import sys
 
 import torch
 
-from experts import cpu_decode_source, cpu_gemm_source
+from experts import cpu_decode_source, cpu_gemm_source, cpu_moe_source
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,10 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("first_max(Tensor x) -> Tensor", &first_max);
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
   m.def("kv_write(Tensor(a!) cache, Tensor slots, Tensor positions, Tensor src) -> ()", &kv_write);
+  m.def("top_k_gating(Tensor logits, int k) -> Tensor[]", &top_k_gating);
+  m.def("group_by_slot(Tensor slots, int num_slots) -> Tensor[]", &group_by_slot);
+  m.def("combine_add(Tensor h, Tensor y, Tensor pair_idx, Tensor weights) -> Tensor",
+        &combine_add);
 }
 """
 
@@ -147,12 +153,15 @@ def _module():
         _ninja_on_path()
 
         flags = ["-O3", "-mavx512f", "-mfma"] if isa == "avx512" else ["-O3", "-mavx2", "-mfma"]
+        # A multiply and an add stay two roundings, as in torch (combine_add matches router's
+        # combine bit for bit); FMAs are written out where a kernel wants them.
+        flags.append("-ffp-contract=off")
         # at::parallel_for is OpenMP in torch's CPU builds, inlined from its header: without
         # -fopenmp here its pragma is dropped and every call runs on one thread, whatever
         # torch.set_num_threads says.
         parallel = ["-fopenmp"] if torch.backends.openmp.is_available() else []
         source = "\n".join((_VECTORS, cpu_gemm_source.SOURCE, cpu_decode_source.SOURCE,
-                             _REGISTRATION))  # fmt: skip
+                             cpu_moe_source.SOURCE, _REGISTRATION))  # fmt: skip
         load_inline(f"moe_serve_cpu_gemm_{isa}", cpp_sources=source,
                     extra_cflags=flags + parallel, extra_ldflags=parallel,
                     is_python_module=False, verbose=False)  # fmt: skip
@@ -272,3 +281,26 @@ def kv_write(cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
              src: torch.Tensor) -> None:  # fmt: skip
     """One layer's cache [S, G, M, Dh] at (slots[t], :, positions[t]) = src [T, G, Dh]."""
     _module().kv_write(cache, slots, positions, src)
+
+
+def top_k_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] float32 -> (weights [T, K], experts [T, K], probs [T, E]), as
+    router/gating.py `top_k_gating` computes them."""
+    weights, experts, probs = _module().top_k_gating(logits, k)
+    return weights, experts, probs
+
+
+def group_by_slot(
+    slots: torch.Tensor, num_slots: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """slots [T, K] (-1: dropped) -> (pair_idx [N], token_idx [N], counts [S]), as
+    router/dispatch.py `group_by_slot` computes them."""
+    pair_idx, token_idx, counts = _module().group_by_slot(slots, num_slots)
+    return pair_idx, token_idx, counts
+
+
+def combine_add(
+    h: torch.Tensor, y: torch.Tensor, pair_idx: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """h [T, D] + router/dispatch.py `combine(y [N, D], pair_idx [N], weights [T, K])`, float32."""
+    return _module().combine_add(h, y, pair_idx, weights)

@@ -23,7 +23,8 @@ class Gating(NamedTuple):
 
 
 def top_k_gating(router_logits: torch.Tensor, k: int) -> Gating:
-    """router_logits [T, E] -> Gating; ties go to the lower expert index, as torch.topk does."""
+    """router_logits [T, E] -> Gating; ties go where torch.topk sends them, as in transformers
+    (not always to the lower expert index)."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
     top, experts = torch.topk(probs, k, dim=-1)  # [T, K]
     top = top / top.sum(dim=-1, keepdim=True)

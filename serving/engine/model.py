@@ -131,7 +131,7 @@ class MixtralModel(nn.Module):
             a = rms_norm(h, layer.attn_norm, c.rms_norm_eps)
             h = h + self._attention(i, layer, a, cos, sin, batch, cache)
             m = rms_norm(h, layer.moe_norm, c.rms_norm_eps)
-            h = h + moe_layer(m, layer.gate, self.pool, i, c.num_experts_per_tok)
+            h = moe_layer(m, layer.gate, self.pool, i, c.num_experts_per_tok, residual=h)
         return self._logits(h, batch)
 
     def _logits(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
@@ -150,14 +150,14 @@ class MixtralModel(nn.Module):
         for i, layer in enumerate(self.layers):
             for j, part in enumerate(parts):
                 if moe[j] is not None:
-                    hs[j] = hs[j] + moe[j].result()  # the previous layer's experts
+                    hs[j] = moe[j].result(hs[j])  # the previous layer's experts, added
                 a = rms_norm(hs[j], layer.attn_norm, c.rms_norm_eps)
                 hs[j] = hs[j] + self._attention(i, layer, a, *ropes[j], part.batch, cache)
                 m = rms_norm(hs[j], layer.moe_norm, c.rms_norm_eps)
                 moe[j] = start_moe_layer(m, layer.gate, self.pool, i, c.num_experts_per_tok)
         logits = None
         for j, part in enumerate(parts):
-            rows = self._logits(hs[j] + moe[j].result(), part.batch)  # [R_half, V]
+            rows = self._logits(moe[j].result(hs[j]), part.batch)  # [R_half, V]
             if logits is None:
                 logits = rows.new_empty((batch.logit_rows.numel(), rows.shape[-1]))
             logits[part.rows] = rows
