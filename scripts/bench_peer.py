@@ -17,7 +17,8 @@
                   build, bf16.
      moe          `moe-serve up`, experts in the engine's process.
      moe-shards2  `moe-serve up --expert-shards 2`; likewise moe-engines2 (`--engine-replicas
-                  2`) and moe-engines2-shards2 (both).
+                  2`) and moe-engines2-shards2 (both), and moe-unbound (`--no-bind-cpus`: the
+                  engine's forward pass not kept on cores of its own).
 4. Prints the table (output tokens/ms, mean TTFT, mean TPOT, each system over vLLM) and the floor,
    or with --json one JSON object. Results are only comparable inside one run: the machine is
    shared and noisy. With --rounds N every system runs N times, the order reversed every other
@@ -252,6 +253,9 @@ def server_command(system: str, ckpt: Path, port: int) -> tuple[list, dict]:
         cmd += ["--dtype", "bfloat16", "--device", "cuda:0"]
     flags = {"shards": "--expert-shards", "engines": "--engine-replicas"}
     for part in system.split("-")[1:]:  # moe-shards2, moe-engines2, moe-engines2-shards2
+        if part == "unbound":  # moe-unbound: the forward pass where the OS puts it
+            cmd.append("--no-bind-cpus")
+            continue
         name = part.rstrip("0123456789")
         cmd += [flags[name], part[len(name) :]]
     return cmd, env

@@ -8,7 +8,7 @@ file configures both `moe-serve up --config` and Ray Serve's own tools.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -199,6 +199,13 @@ class ServeConfig(BaseModel):
     # third on 2 cores (BENCHMARKS.md). Set explicitly: Ray forces OMP_NUM_THREADS=1 on an actor
     # that reserves no CPU.
     torch_threads: int = Field(0, ge=0)
+    # CPUs the engine's forward pass is kept on (empty: wherever the OS puts it). On a CPU machine
+    # it shares the cores with Ray, Serve's proxy, the ingress and the engine's own event loop;
+    # on cores of its own it served faster (serving/engine/cpu_bind.py, BENCHMARKS.md).
+    # `moe-serve up` fills it, and moves everything else to the other cores, when `bind_cpus` is
+    # on and it starts Ray for one engine with its experts in process on a CPU.
+    engine_cpus: tuple[Annotated[int, Field(ge=0)], ...] = ()
+    bind_cpus: bool = True
     expert_shards: int = Field(0, ge=0)
     redundant_experts: int = Field(0, ge=0)
     # Engines (attention, KV cache, scheduler: one Serve deployment each). With expert_shards they

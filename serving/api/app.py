@@ -28,9 +28,9 @@ from ray.serve.handle import DeploymentHandle
 
 from experts.pool import ElasticPool
 from serving.api.engines import (
-    default_threads,
     engine_ask,
     engine_names,
+    engine_threads,
     ingress_streams,
     merged_status,
     total_stats,
@@ -39,6 +39,7 @@ from serving.api.engines import (
 from serving.api.serving_model import load_serving_model, model_dir, served_name
 from serving.api.streams import Batch, EngineChoice, EngineStreams
 from serving.config import ServeConfig, config_from_args
+from serving.engine import cpu_bind
 from serving.engine.requests import Admission, Job
 
 APP_NAME = "moe-serve"
@@ -65,7 +66,7 @@ class Engine:
         from serving.engine.scheduler import Scheduler
         from serving.engine.tokenizer import TextTokenizer
 
-        torch.set_num_threads(config.torch_threads or default_threads(config))
+        torch.set_num_threads(engine_threads(config))
         model = load_serving_model(config, owner)
         model.split_min_tokens = config.micro_batch_min_tokens
         # With shards the model's pool is the Ray pool: handed to whoever operates it.
@@ -76,6 +77,8 @@ class Engine:
             update={"cache_slots": fallback_slots(config, plan)}
         )
         self.scheduler = Scheduler(model, scheduler_config, decode=tokenizer.decode)
+        if config.engine_cpus:  # the forward pass on cores of its own (serving/engine/cpu_bind.py)
+            self.scheduler.forward_thread = cpu_bind.bound_thread(config.engine_cpus)
         self.monitor = EngineMonitor(
             self.scheduler,
             self.pool,
@@ -150,7 +153,17 @@ class Engine:
             "shard_nodes": list(self.pool.nodes) if self.pool is not None else [],
             "engine_node": ray.get_runtime_context().get_node_id(),
             "expert_transport": self.pool.transport_in_use if self.pool is not None else None,
+            "engine_cpus": await self._forward_cpus(),
         }
+
+    async def _forward_cpus(self) -> list[int] | None:
+        """The CPUs the forward thread may run on, read from it (None: not kept anywhere)."""
+        if self.scheduler.forward_thread is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return list(
+            await loop.run_in_executor(self.scheduler.forward_thread, cpu_bind.allowed_cores)
+        )
 
     async def expert_shards(self) -> list:
         """The ExpertShard actor handles in use (empty without shards): for diagnostics and the

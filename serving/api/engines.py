@@ -40,6 +40,11 @@ def engine_ask(config: ServeConfig) -> dict[str, float]:
     return ask
 
 
+def engine_threads(config: ServeConfig) -> int:
+    """The torch threads of each engine: `torch_threads`, else `default_threads`."""
+    return config.torch_threads or default_threads(config)
+
+
 def default_threads(config: ServeConfig) -> int:
     """Every core but one (the HTTP proxy's and the ingress's), shared by the most engines that
     may run at once."""

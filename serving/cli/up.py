@@ -20,6 +20,7 @@ import time
 from serving.cli.supervisor import die_with_supervisor, supervise, supervised
 from serving.config import ServeConfig, load_config, with_overrides
 from serving.control.metrics import DEFAULT_METRICS_PORT
+from serving.engine import cpu_bind
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +53,9 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="torch device of the engine, e.g. cpu or cuda:0")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard too")
+    p.add_argument("--no-bind-cpus", dest="bind_cpus", action="store_false", default=None,
+                   help="on a CPU, leave the engine's forward pass where the OS puts it (default: "
+                   "cores of its own, Ray on the others, for one engine holding its experts)")  # fmt: skip
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -155,6 +159,7 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
         api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
         dtype=args.dtype,
         device=args.device,
+        bind_cpus=args.bind_cpus,
         metrics_port=args.metrics_port,
         hardware=args.hardware,
         calibration=args.calibrate,
@@ -163,6 +168,7 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> int:
     from experts.checkpoint import Checkpoint
+    from serving.api.engines import engine_threads
     from serving.api.model_info import ModelInfo
     from serving.api.serving_model import expert_options, model_dir
 
@@ -181,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
         if not supervised():
             return supervise(args.argv)
         die_with_supervisor()
+    split = None if address else cpu_bind.split_for(config, engine_threads(config))
+    if split is not None:  # Ray's processes, started next from this thread, inherit its CPUs
+        cpu_bind.bind_this_thread(split.rest)
+        config = config.model_copy(update={"engine_cpus": split.engine})
     _start_ray(address, args.dashboard, config.metrics_port)
     stop = _stop_event()  # after ray.init, which installs a SIGTERM handler that exits at once
     try:
@@ -301,6 +311,9 @@ def _announce(config: ServeConfig) -> None:
         if config.engines_at_most > 1:
             transport = "plain (shared by the engines)"
         lines.insert(1, f"  experts on {config.expert_shards} ExpertShards, transport: {transport}")
+    if config.engine_cpus:
+        cpus = ", ".join(map(str, config.engine_cpus))
+        lines.insert(1, f"  the engine's forward pass on CPU {cpus} (engine_cpus)")
     if config.engines_at_most > config.engine_replicas:
         more = f"{config.engine_replicas} engine replicas, up to {config.engines_at_most}"
         lines.insert(1, f"  {more} as the controller decides")

@@ -2,13 +2,11 @@
 
 Each step (1) drops cancelled sequences and frees their slots, (2) gives every running sequence one
 decode token, (3) spends what is left of the step's token budget on prefill, admitting waiting
-requests into free slots and splitting long prompts into chunks, (4) runs the forward passes in a
-worker thread so the event loop keeps serving HTTP, and (5) samples, streams each sequence's new
-token and finishes sequences on their own (max_tokens, a stop token, a stop string). A request that
-finds no free slot waits in a bounded queue; one that finds the queue full is refused (QueueFull).
-After every step the observer gets a StepReport: what ran, and where the step's wall time went
-(forward passes, expert pool), which the engine's monitor turns into metrics and the step
-accounting (serving/control/).
+requests into free slots and splitting long prompts into chunks, (4) runs the forward pass in a
+worker thread so the event loop keeps serving, and (5) samples, streams each sequence's new token
+and finishes sequences (max_tokens, a stop token, a stop string). A request that finds no free slot
+waits in a bounded queue, or is refused when it is full (QueueFull). After every step the observer
+gets a StepReport: what ran and where the step's time went, for the engine's monitor.
 
 Ray-free on purpose: the Engine deployment wraps it, tests drive it in-process.
 Shape legend: B sequences in a step, S new tokens per sequence, V vocabulary.
@@ -24,6 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 
 import torch
 
@@ -93,8 +92,8 @@ class Scheduler:
         self.steps = 0
         self.slot_moves = 0  # sequences moved down into a hole (_compact)
         self._ids = itertools.count()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._wake, self._task = asyncio.Event(), None
+        self.forward_thread: Executor | None = None  # None: asyncio's threads (cpu_bind.py)
 
     # -- the public interface -------------------------------------------------------------------
 
@@ -225,7 +224,8 @@ class Scheduler:
                 continue
             begin = self._step_end if self._step_end is not None else time.perf_counter()
             try:
-                results, forward_s = await asyncio.to_thread(self._execute, plan)
+                running = asyncio.get_running_loop().run_in_executor
+                results, forward_s = await running(self.forward_thread, self._execute, plan)
             except Exception as exc:  # a failed step fails its sequences, never the loop
                 log.exception("scheduler step failed")
                 self._fail([*plan.decodes, *(s for s, _ in plan.prefills)], exc)

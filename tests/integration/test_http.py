@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from serving.config import SchedulerConfig, ServeConfig
+from serving.engine.cpu_bind import allowed_cores
 from serving.engine.generate import generate
 from serving.engine.sampling import SamplingParams
 from serving.engine.tokenizer import TextTokenizer
 
 from ..support import http as plain_http
-from ..support import wait_healthy
+from ..support import moe_status, wait_healthy
 
 KEY = "test-key-123"
 APP = "moe-serve-test"
 pytestmark = pytest.mark.ray
+FORWARD_CPUS = allowed_cores()[-1:]  # the engine's forward thread is kept on this CPU
 
 
 def http(method: str, url: str, body: bytes | None = None, key: str | None = KEY, headers=None):
@@ -41,6 +43,7 @@ def server(serve_http, demo_path):
         model=str(demo_path),
         served_model_name="demo",
         scheduler=SchedulerConfig(max_batch_slots=16, step_token_budget=256, max_queue=64),
+        engine_cpus=FORWARD_CPUS,  # every test here runs its forward passes on a bound thread
     )
     serve.run(application(config), name=APP, route_prefix="/", blocking=False)
     wait_healthy(serve_http)
@@ -69,6 +72,11 @@ def ref(demo_path):
         )
 
     return tok, greedy
+
+
+def test_status_reports_the_cpus_the_forward_thread_is_kept_on(server):
+    # Read from the forward thread itself: the binding took (serving/engine/cpu_bind.py).
+    assert moe_status(server, KEY)["engine_cpus"] == list(FORWARD_CPUS)
 
 
 def test_models_lists_the_served_model(client):
