@@ -175,6 +175,39 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
+// RoPE in place on the first `heads` heads of every token: x [T, NH, Dh] (the fused q, k, v
+// projection's output), cos and sin [T, 1, Dh] (halves repeated). As serving/engine/attention.py
+// apply_rope, bit for bit: x * cos + rotate_half(x) * sin, each product rounded, then the sum.
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous() && x.scalar_type() == torch::kFloat,
+              "rope_: a contiguous float32 x [T, heads, Dh]");
+  const int64_t T = x.size(0), NH = x.size(1), Dh = x.size(2), h = Dh / 2;
+  TORCH_CHECK(heads >= 0 && heads <= NH && Dh % 2 == 0, "rope_: heads within x, Dh even");
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  TORCH_CHECK(cos.numel() == T * Dh && sin.numel() == T * Dh && cos.scalar_type() == torch::kFloat
+              && sin.scalar_type() == torch::kFloat, "rope_: cos and sin [T, 1, Dh] float32");
+  float* xp = x.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float *c = cp + t * Dh, *s = sp + t * Dh;
+    for (int64_t n = 0; n < heads; ++n) {
+      float* r = xp + (t * NH + n) * Dh;
+      int64_t d = 0;
+      for (; d + W <= h; d += W) {
+        const vec a = vload(r + d), b = vload(r + h + d);  // the halves, both read first
+        vstore(r + d, vsub(vmul(a, vload(c + d)), vmul(b, vload(s + d))));
+        vstore(r + h + d, vadd(vmul(b, vload(c + h + d)), vmul(a, vload(s + h + d))));
+      }
+      for (; d < h; ++d) {
+        const float a = r[d], b = r[h + d];
+        r[d] = a * c[d] - b * s[d];
+        r[h + d] = b * c[h + d] + a * s[h + d];
+      }
+    }
+  }
+}
+
 // One layer's cache [S, G, M, Dh] at (slots[t], :, positions[t]) = src [T, G, Dh]: a copy per
 // row and head, where advanced indexing builds index tensors first (~25 us a call at decode).
 void kv_write(torch::Tensor cache, torch::Tensor slots, torch::Tensor positions,

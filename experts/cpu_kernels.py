@@ -5,9 +5,10 @@
   the model, so the step is bound by reading the weights; the BLAS packs (copies) its operands on
   every call and, for few rows, reaches a fraction of the memory bandwidth (scripts/bench_gemm.py,
   BENCHMARKS.md). Here each weight streams exactly once per call, front to back.
-- `decode_attention`, `first_max`, `rms_norm`, `kv_write`: every decode row's attention over
-  its own live keys in the KV cache, the greedy pick over the step's logits, RMSNorm and the
-  cache write, each one pass where torch takes several operators (experts/cpu_decode_source.py).
+- `decode_attention`, `first_max`, `rms_norm`, `rope_`, `kv_write`: every decode row's attention
+  over its own live keys in the KV cache, the greedy pick over the step's logits, RMSNorm, RoPE
+  and the cache write, each one pass where torch takes several operators
+  (experts/cpu_decode_source.py).
 - `top_k_gating`, `group_by_slot`, `combine_add`: the MoE layer's steps around the experts, each
   one call where torch takes several operators (experts/cpu_moe_source.py).
 
@@ -133,6 +134,7 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("first_max(Tensor x) -> Tensor", &first_max);
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
   m.def("kv_write(Tensor(a!) cache, Tensor slots, Tensor positions, Tensor src) -> ()", &kv_write);
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, int heads) -> ()", &rope_);
   m.def("top_k_gating(Tensor logits, int k) -> Tensor[]", &top_k_gating);
   m.def("group_by_slot(Tensor slots, int num_slots) -> Tensor[]", &group_by_slot);
   m.def("combine_add(Tensor h, Tensor y, Tensor pair_idx, Tensor weights) -> Tensor",
@@ -281,6 +283,12 @@ def kv_write(cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
              src: torch.Tensor) -> None:  # fmt: skip
     """One layer's cache [S, G, M, Dh] at (slots[t], :, positions[t]) = src [T, G, Dh]."""
     _module().kv_write(cache, slots, positions, src)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> None:
+    """RoPE in place on the first `heads` heads of x [T, NH, Dh] (contiguous), cos and sin
+    [T, 1, Dh]: serving/engine/attention.py `apply_rope`, bit for bit."""
+    _module().rope_(x, cos, sin, heads)
 
 
 def top_k_gating(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Whole steps with one engine choice made two ways, side by side in one process.
 
-    .venv/bin/python scripts/bench_step_variants.py [--variant prefetch|moe-steps] [--batch 16]
+    .venv/bin/python scripts/bench_step_variants.py [--variant prefetch|moe-steps|rope] [--batch 16]
         [--context 128] [--rounds 6]
 
 Loads the engine-speed checkpoint (scripts/bench_peer.py writes it) in process on one thread (the
@@ -12,6 +12,8 @@ and a 512-token prefill step (4 prompts of 128) under the two settings of a vari
              apart).
   moe-steps  the MoE layer's gating, grouping and combine as one C++ call each
              (serving/engine/moe_layer.py FUSED) against router/'s torch operators.
+  rope       RoPE on q and k in place in one C++ call (serving/engine/model.py FUSED_ROPE)
+             against apply_rope's torch operators.
 Prints one JSON object: median ms of each, and each round's.
 """
 
@@ -32,6 +34,7 @@ import bench_peer  # noqa: E402
 
 from experts import cpu_kernels, prefetch  # noqa: E402
 from serving import load_model  # noqa: E402
+from serving.engine import model as model_module  # noqa: E402
 from serving.engine import moe_layer  # noqa: E402
 
 
@@ -49,6 +52,9 @@ def settings(variant: str) -> dict:
     if variant == "moe-steps":
         return {"C++": lambda: setattr(moe_layer, "FUSED", True),
                 "torch operators": lambda: setattr(moe_layer, "FUSED", False)}  # fmt: skip
+    if variant == "rope":
+        return {"C++": lambda: setattr(model_module, "FUSED_ROPE", True),
+                "torch operators": lambda: setattr(model_module, "FUSED_ROPE", False)}  # fmt: skip
     few, many = prefetch._decided
 
     def both(a: bool, b: bool):
@@ -59,7 +65,7 @@ def settings(variant: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variant", choices=["prefetch", "moe-steps"], default="moe-steps")
+    ap.add_argument("--variant", choices=["prefetch", "moe-steps", "rope"], default="moe-steps")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=6)

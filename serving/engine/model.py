@@ -30,6 +30,7 @@ from serving.engine.step_batch import StepBatch, halves, rows_batch
 # never. Off by default: on a 2-core CPU it measured 0.63-0.74x of one batch (BENCHMARKS.md), as
 # each half reads every expert's weights again and the engine and shards share the cores.
 SPLIT_MIN_TOKENS = 0
+FUSED_ROPE = True  # RoPE in C++ where it applies (off: apply_rope's operators, for comparisons)
 
 
 @dataclass
@@ -168,10 +169,13 @@ class MixtralModel(nn.Module):
         c = self.config
         t = x.shape[0]
         qkv = layer.wqkv(x).view(t, -1, c.head_dim)  # [T, H+2G, Dh]
-        q, k, v = qkv.split(
-            [c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads], 1
-        )
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, g = c.num_attention_heads, c.num_key_value_heads
+        if FUSED_ROPE and cpu_kernels.fits(qkv, cos):  # q and k rotated in place, one C++ pass
+            cpu_kernels.rope_(qkv, cos, sin, h + g)
+            q, k, v = qkv.split([h, g, g], 1)
+        else:
+            q, k, v = qkv.split([h, g, g], 1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attend(i, q, k, v, batch, cache, c.sliding_window)  # [T, H, Dh]
         return layer.wo(out.reshape(t, -1))
 

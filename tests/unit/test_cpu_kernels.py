@@ -227,3 +227,19 @@ def test_prefetch_is_dropped_only_when_clearly_slower(with_s, without_s, keep):
     from experts.prefetch import prefetch_pays
 
     assert prefetch_pays(with_s, without_s) is keep
+
+
+@pytest.mark.parametrize(
+    ("tokens", "heads", "kv_heads", "head_dim"), [(16, 8, 2, 64), (5, 4, 4, 36)]
+)
+def test_rope_in_place_is_apply_ropes_bits_on_q_and_k_only(tokens, heads, kv_heads, head_dim):
+    from serving.engine.attention import apply_rope, rope
+
+    g = torch.Generator().manual_seed(tokens + head_dim)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=g)
+    cos, sin = rope(torch.randint(0, 4000, (tokens,), generator=g), head_dim, 1e6, torch.float32)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], 1)
+    want_q, want_k, want_v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.clone()
+    cpu_kernels.rope_(qkv, cos, sin, heads + kv_heads)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(v, want_v)  # the value heads are left alone
