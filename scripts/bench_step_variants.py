@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,20 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_peer  # noqa: E402
+from profile_step import timed  # noqa: E402  (median ms of a step, after one to warm up)
 
 from experts import cpu_kernels, prefetch  # noqa: E402
 from serving import load_model  # noqa: E402
 from serving.engine import model as model_module  # noqa: E402
 from serving.engine import moe_layer  # noqa: E402
-
-
-def median_ms(step, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def settings(variant: str) -> dict:
@@ -75,7 +66,7 @@ def main() -> None:
     if prefetch._decided is None:
         sys.exit("bench_step_variants: the CPU kernels are not in use here (nothing to compare)")
     b, vocab = args.batch, model.config.vocab_size
-    cache = model.new_cache(b + 4, args.context + 10 * args.rounds * 2 + 8)
+    cache = model.new_cache(b + 4, args.context + 11 * args.rounds * 2 + 8)
     model(torch.randint(3, vocab, (b, args.context)), cache=cache)  # the prompts, in the cache
     ids, position = torch.randint(3, vocab, (b, 1)), [args.context]
 
@@ -93,8 +84,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name in list(choices)[:: 1 if r % 2 == 0 else -1]:
             choices[name]()
-            rounds.setdefault(f"decode {name}", []).append(round(median_ms(decode, 10), 2))
-            rounds.setdefault(f"prefill {name}", []).append(round(median_ms(prefill, 2), 2))
+            rounds.setdefault(f"decode {name}", []).append(round(timed(decode, 10), 2))
+            rounds.setdefault(f"prefill {name}", []).append(round(timed(prefill, 2), 2))
     print(json.dumps({
         "command": " ".join(["scripts/bench_step_variants.py", *sys.argv[1:]]),
         "machine": bench_peer.machine(),
