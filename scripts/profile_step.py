@@ -45,6 +45,9 @@ CATEGORIES = [
     ("grouped_swiglu", "expert GEMMs"),
     ("compute", "expert GEMMs"),
     ("top_k_gating", "gating and dispatch"),
+    ("_top_k_gating", "gating and dispatch"),
+    ("_group_by_slot", "gating and dispatch"),
+    ("result", "gating and dispatch"),  # MoeInFlight.result: the combine
     ("assign", "gating and dispatch"),
     ("group_by_slot", "gating and dispatch"),
     ("combine", "gating and dispatch"),
@@ -60,9 +63,15 @@ CATEGORIES = [
 ]
 
 
+# Operators whose category their name tells, wherever they are called from.
+BY_NAME = {"moe_serve::rope_": "attention"}
+
+
 def category(event) -> str:
     """The category of an operator: its nearest enclosing function of ours (the profiler records
     Python frames as parent events named "path(line): function")."""
+    if event.name in BY_NAME:
+        return BY_NAME[event.name]
     parent = event.cpu_parent
     while parent is not None:
         name = parent.name
