@@ -107,6 +107,9 @@ class StatusReport(Frozen):
     # How layers reach the shards now: "compiled" (the compiled graph), "plain" (actor calls: a
     # shard being replaced, or the graph released while idle); None without shards.
     expert_transport: str | None = None
+    # The CPUs the engine's forward thread is kept on, read from it (serving/engine/cpu_bind.py);
+    # None: not kept anywhere.
+    engine_cpus: list[int] | None = None
     batch_strategy: str | None = None
     fallback_level: int = 0
     last_decision: ActionRecord | None = None  # hold included

@@ -25,6 +25,7 @@ REPORT = StatusReport(
     devices=2,
     batch_strategy="adaptive",
     fallback_level=1,
+    engine_cpus=[0],
     last_decision=ActionRecord(time=1000.0, action="hold", reason="cooldown"),
     actions=[
         ActionRecord(time=900.0, action="rebalance", reason="load CV 0.210 > 0.15"),
@@ -66,6 +67,7 @@ def test_prints_the_live_view(server, capsys):
     out = capsys.readouterr().out
     assert "8.5 (85% of target)" in out and "10 (phase 1)" in out and "30" in out
     assert "0.210" in out and "1.40" in out
+    assert "engine forward pass   on CPU 0" in out
     assert out.index("batch_fallback") < out.index("rebalance")  # newest first
     assert seen[0]["Authorization"] == "Bearer k"
 
