@@ -24,6 +24,10 @@ from .test_controller_live import KEY, demo_app
 pytestmark = pytest.mark.ray
 
 TOKENS = 16  # per request: every completion is the same work
+# The throughput test's requests are longer: each request also costs work that batching does not
+# share (HTTP, the ingress, streaming); with more decode steps per request the steps, which the
+# fallback batches, weigh more (at 16 tokens, one core busy: 1.29-1.54x).
+LONG_TOKENS = 48
 # Level 0: 2 slots; each level doubles slots and step budget.
 SCHEDULER = SchedulerConfig(max_batch_slots=2, max_seq_len=128, step_token_budget=64, max_queue=32)
 MONITORING = MonitoringConfig(period_s=1.0, cpu_measure_s=0.3)
@@ -58,7 +62,7 @@ def test_fallback_at_a_shallow_queue_raises_throughput_at_the_same_load(serve_ht
     with demo_app(serve_http, demo_path, "moe-fallback-up", expert_shards=0,
                   scheduler=SCHEDULER, monitoring=MONITORING, controller=config) as (url, engine):  # fmt: skip
         # 8 clients, 2 slots: 6 wait, below the deep-queue mark (8): a shallow queue.
-        with Load(url, KEY, clients=8, max_tokens=TOKENS, timeout_s=120.0) as load:
+        with Load(url, KEY, clients=8, max_tokens=LONG_TOKENS, timeout_s=120.0) as load:
             wait_until(lambda: len(actions(url)) >= 2, 120, "two fallback levels", interval_s=1.0)
             done = actions(url)
             first, second = (unix_to_monotonic(a["time"]) for a in done[:2])
@@ -72,7 +76,7 @@ def test_fallback_at_a_shallow_queue_raises_throughput_at_the_same_load(serve_ht
     before = load.rate(first - 4.0, first)  # completions/s at level 0, just before acting
     after = load.rate(second + 2.0, after_end)  # at level 2, once its batches formed
     print(f"completions/s: level 0 {before:.2f}, level 2 {after:.2f}")
-    assert after > 1.3 * before, (before, after)  # 4x the rows per step (2.0x measured)
+    assert after > 1.3 * before, (before, after)  # 4x the rows per step (1.5-1.8x measured)
     assert not load.failed, load.failed[:3]
 
 
