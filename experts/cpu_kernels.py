@@ -36,6 +36,7 @@ _VECTORS = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -128,6 +129,8 @@ TORCH_LIBRARY(moe_serve, m) {
   m.def("threads_used(int n) -> int", &threads_used);
   m.def("set_prefetch(bool on, bool many) -> bool", &set_prefetch);
   m.def("tile_rows() -> int", &tile_rows);
+  m.def("set_huge_pages(bool on) -> bool", &set_huge_pages);
+  m.def("huge_zeros(int[] size) -> Tensor", &huge_zeros);
   m.def("swiglu(Tensor x, int[] counts, Tensor[] w13, Tensor[] w2, int f) -> Tensor", &swiglu);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor pos, int window, "
         "float scale) -> Tensor", &decode_attention);
@@ -221,6 +224,18 @@ def set_prefetch(on: bool, many: bool = False) -> bool:
     `tile_rows()` rows (many=False) or of more (many=True); the same results either way
     (experts/prefetch.py measures which is faster here). Returns the setting it replaces."""
     return _module().set_prefetch(on, many)
+
+
+def set_huge_pages(on: bool) -> bool:
+    """Whether `pack` puts weights on 2 MiB pages where the OS allows (the default: a weight
+    streams faster without a page boundary every 4 KiB); applies to later packs. Returns the
+    setting it replaces."""
+    return _module().set_huge_pages(on)
+
+
+def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 zeros on a CPU, on 2 MiB pages as `pack`'s weights (see `set_huge_pages`)."""
+    return _module().huge_zeros(list(shape))
 
 
 def tile_rows() -> int:

@@ -35,8 +35,13 @@ class KVCache:
             max_len,
             config.head_dim,
         )
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if dtype == torch.float32 and device.type == "cpu" and cpu_kernels.available():
+            # On 2 MiB pages: each decode row reads its slot's keys, a page boundary fewer
+            # every 4 KiB (experts/cpu_kernels.py `zeros`).
+            self.k, self.v = cpu_kernels.zeros(shape), cpu_kernels.zeros(shape)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k, v) -> None:
