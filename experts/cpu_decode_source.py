@@ -32,31 +32,80 @@ static float exp_shifted(float* s, int64_t L) {
   return sum;
 }
 
+// The sums of four vectors, into out[0..4): one tree for the four (about a third of the
+// shuffles of four separate reductions), the heads of a group scoring one key together.
+static inline void vsum4(vec a, vec b, vec c, vec d, float* out) {
+#if defined(__AVX512F__)
+  // 512 -> 256 bits: [a's 8 partials | b's 8 partials], likewise c and d.
+  const vec ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const vec cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  // -> 128 bits each: [a's 4 | b's 4 | c's 4 | d's 4].
+  const vec x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  const __m128 q0 = _mm512_castps512_ps128(x), q1 = _mm512_extractf32x4_ps(x, 1);
+  const __m128 q2 = _mm512_extractf32x4_ps(x, 2), q3 = _mm512_extractf32x4_ps(x, 3);
+  // 4 x 4 partials -> 4 sums: two horizontal adds.
+  _mm_storeu_ps(out, _mm_hadd_ps(_mm_hadd_ps(q0, q1), _mm_hadd_ps(q2, q3)));
+#else
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  // per 128 lane
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#endif
+}
+
 // One (row, key/value head) pair: the HQ query heads that share the head, against keys and
-// values [L, Dh] (contiguous), scores in s [HQ, L]. Dh = DV * W.
-template <int DV>
-static void attend_group(const float* q, const float* k, const float* v, int64_t L, int64_t HQ,
-                         float scale, float* s, float* out) {
-  for (int64_t h = 0; h < HQ; ++h) {
-    vec qh[DV];
-    for (int j = 0; j < DV; ++j) qh[j] = vmul(vload(q + h * DV * W + j * W), vset(scale));
-    float* sh = s + h * L;
-    for (int64_t l = 0; l < L; ++l) {
-      const float* kl = k + l * DV * W;
-      vec acc = vmul(qh[0], vload(kl));
-      for (int j = 1; j < DV; ++j) acc = vfma(qh[j], vload(kl + j * W), acc);
-      sh[l] = vsum(acc);
+// values [L, Dh] (contiguous), scores in s [HQ, L]. Dh = DV * W. Each key and value is read
+// once for all HQ heads (four heads share one in Mixtral), not once per head.
+template <int DV, int HQ>
+static void attend_group(const float* q, const float* k, const float* v, int64_t L, float scale,
+                         float* s, float* out) {
+  vec qh[HQ][DV];
+  for (int h = 0; h < HQ; ++h)
+    for (int j = 0; j < DV; ++j) qh[h][j] = vmul(vload(q + h * DV * W + j * W), vset(scale));
+  for (int64_t l = 0; l < L; ++l) {
+    const float* kl = k + l * DV * W;
+    vec kv[DV];
+    for (int j = 0; j < DV; ++j) kv[j] = vload(kl + j * W);
+    vec acc[HQ];
+    for (int h = 0; h < HQ; ++h) {
+      acc[h] = vmul(qh[h][0], kv[0]);
+      for (int j = 1; j < DV; ++j) acc[h] = vfma(qh[h][j], kv[j], acc[h]);
     }
-    const float inv = 1.0f / exp_shifted(sh, L);
-    vec o[DV];
-    for (int j = 0; j < DV; ++j) o[j] = vzero();
-    for (int64_t l = 0; l < L; ++l) {
-      const vec p = vset(sh[l]);
-      const float* vl = v + l * DV * W;
-      for (int j = 0; j < DV; ++j) o[j] = vfma(p, vload(vl + j * W), o[j]);
+    if constexpr (HQ == 4) {
+      alignas(16) float t[4];
+      vsum4(acc[0], acc[1], acc[2], acc[3], t);
+      for (int h = 0; h < 4; ++h) s[h * L + l] = t[h];
+    } else {
+      for (int h = 0; h < HQ; ++h) s[h * L + l] = vsum(acc[h]);
     }
-    for (int j = 0; j < DV; ++j) vstore(out + h * DV * W + j * W, vmul(o[j], vset(inv)));
   }
+  float inv[HQ];
+  for (int h = 0; h < HQ; ++h) inv[h] = 1.0f / exp_shifted(s + h * L, L);
+  vec o[HQ][DV];
+  for (int h = 0; h < HQ; ++h)
+    for (int j = 0; j < DV; ++j) o[h][j] = vzero();
+  for (int64_t l = 0; l < L; ++l) {
+    const float* vl = v + l * DV * W;
+    vec vv[DV];
+    for (int j = 0; j < DV; ++j) vv[j] = vload(vl + j * W);
+    for (int h = 0; h < HQ; ++h) {
+      const vec p = vset(s[h * L + l]);
+      for (int j = 0; j < DV; ++j) o[h][j] = vfma(p, vv[j], o[h][j]);
+    }
+  }
+  for (int h = 0; h < HQ; ++h)
+    for (int j = 0; j < DV; ++j) vstore(out + h * DV * W + j * W, vmul(o[h][j], vset(inv[h])));
+}
+
+// Any group size and head size: heads HQ at a time in groups of 4, then one by one.
+template <int DV>
+static void attend_heads(const float* q, const float* k, const float* v, int64_t L, int64_t HQ,
+                         float scale, float* s, float* out) {
+  int64_t h = 0;
+  if constexpr (DV <= 4) {  // 4 heads x DV accumulators, DV keys and q's 4 x DV: in registers
+    for (; h + 4 <= HQ; h += 4)
+      attend_group<DV, 4>(q + h * DV * W, k, v, L, scale, s + h * L, out + h * DV * W);
+  }
+  for (; h < HQ; ++h)
+    attend_group<DV, 1>(q + h * DV * W, k, v, L, scale, s + h * L, out + h * DV * W);
 }
 
 // Every decode row at once, straight from the cache: q [D, H, Dh] (row d's new token at
@@ -93,7 +142,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       float* og = op + i * HQ * Dh;
       const float sc = static_cast<float>(scale);
       switch (Dh / W) {
-#define CASE(n) case n: attend_group<n>(qg, kg, vg, L, HQ, sc, s.data(), og); break;
+#define CASE(n) case n: attend_heads<n>(qg, kg, vg, L, HQ, sc, s.data(), og); break;
         CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
         CASE(9) CASE(10) CASE(11) CASE(12) CASE(13) CASE(14) CASE(15) CASE(16)
 #undef CASE

@@ -139,7 +139,10 @@ def test_fused_silu_is_torchs_across_its_range():
     assert torch.allclose(got, want, rtol=2e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (32, 8, 128), (4, 4, 32)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(8, 2, 64), (32, 8, 128), (4, 4, 32), (16, 2, 64), (12, 2, 16)],  # 4, 4, 1, 8, 6 per group
+)
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_equals_sdpa_row_by_row(heads, kv_heads, head_dim, window):
     # Rows in scattered slots at different positions (what a mask and a gather served before),
