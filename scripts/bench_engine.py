@@ -1,7 +1,7 @@
 """The engine's throughput with decode steps as CUDA graphs and without, side by side in one run.
 
     python scripts/bench_engine.py [--model DIR | --shape seed-2l] [--device cuda:0]
-        [--dtype bfloat16] [--batch 16] [--num-prompts 48] [--input-len 128] [--output-len 64]
+        [--dtype bfloat16|float32] [--batch 16] [--num-prompts 48] [--input-len 128] [--output-len 64]
         [--rounds 3]
 
 The scheduler in this process (no HTTP: what the Engine deployment runs) serves `--num-prompts`
@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--model", help="checkpoint directory (default: the demo model)")
     ap.add_argument("--shape", choices=["seed-2l"], help="a random-weight model of this shape")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"],
+                    help="default: bfloat16 on CUDA, float32 on a CPU (where the engine's kernels "
+                    "are float32 and bfloat16 falls back to torch's slower GEMM)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=16, help="KV slots = concurrent requests")
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--input-len", type=int, default=128)
@@ -82,7 +84,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(
+        torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or demo_checkpoint()
         if args.shape and not args.model:
