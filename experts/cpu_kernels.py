@@ -227,9 +227,9 @@ def set_prefetch(on: bool, many: bool = False) -> bool:
 
 
 def set_huge_pages(on: bool) -> bool:
-    """Whether `pack` puts weights on 2 MiB pages where the OS allows (the default: a weight
-    streams faster without a page boundary every 4 KiB); applies to later packs. Returns the
-    setting it replaces."""
+    """Whether `pack` and `zeros` put their memory on 2 MiB pages where the OS allows (the
+    default: a weight streams faster without a page boundary every 4 KiB); applies to later
+    calls. Returns the setting it replaces."""
     return _module().set_huge_pages(on)
 
 
