@@ -86,10 +86,11 @@ static void block_rows(const float* x, int64_t ldx, const float* w, int64_t K, f
 }
 
 // Packed weights (and `huge_zeros`: the KV cache) on 2 MiB pages where the kernel allows it
-// (Linux's transparent huge pages in "madvise" or "always" mode). A decode step streams every weight once; on 4 KiB pages the
-// stream crosses a page, and the hardware prefetcher stops, every 4 KiB, and each page costs a
-// translation. Measured on one machine: four layers' experts at 4 rows each 15.1 -> 12.9 ms,
-// the whole decode step 6-7% faster (BENCHMARKS.md). Off: 4 KiB pages, as torch allocates them.
+// (Linux's transparent huge pages in "madvise" or "always" mode). A decode step streams every
+// weight once; on 4 KiB pages the stream crosses a page, and the hardware prefetcher stops,
+// every 4 KiB, and each page costs a translation. Measured on one machine: four layers' experts
+// at 4 rows each 15.1 -> 12.9 ms, the whole decode step 6-7% faster (BENCHMARKS.md). Off: 4 KiB
+// pages, as torch allocates them.
 static bool g_huge_pages = true;
 
 bool set_huge_pages(bool on) {  // returns the setting it replaces; applies to later calls
