@@ -79,6 +79,9 @@ class Engine:
         self.scheduler = Scheduler(model, scheduler_config, decode=tokenizer.decode)
         if config.engine_cpus:  # the forward pass on cores of its own (serving/engine/cpu_bind.py)
             self.scheduler.forward_thread = cpu_bind.bound_thread(config.engine_cpus)
+        # On one core, the event loop (the scheduler's work between forward passes) joins it.
+        self._loop_cpus = cpu_bind.loop_cores(config.engine_cpus)
+        self._loop_bound = False
         self.monitor = EngineMonitor(
             self.scheduler,
             self.pool,
@@ -104,8 +107,14 @@ class Engine:
         if self._monitor_task is None or self._monitor_task.done():
             self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run())
 
+    def _bind_loop(self) -> None:
+        """Keep this (the event loop's) thread on `_loop_cpus`, once: called on the loop."""
+        if self._loop_cpus and not self._loop_bound:
+            self._loop_bound = cpu_bind.bind_this_thread(self._loop_cpus)
+
     async def submit(self, job: Job, stream: str, request: str) -> Admission:
         """Admit a request (or refuse it: the queue is full); its events go to `stream`."""
+        self._bind_loop()
         self._ensure_monitor()
         return self.streams.submit(job, stream, request)
 
@@ -154,7 +163,13 @@ class Engine:
             "engine_node": ray.get_runtime_context().get_node_id(),
             "expert_transport": self.pool.transport_in_use if self.pool is not None else None,
             "engine_cpus": await self._forward_cpus(),
+            "loop_cpus": self._loop_cpus_now(),
         }
+
+    def _loop_cpus_now(self) -> list[int] | None:
+        """The CPUs the event loop's thread is kept on, read from it (None: not kept anywhere)."""
+        self._bind_loop()
+        return list(cpu_bind.allowed_cores()) if self._loop_bound else None
 
     async def _forward_cpus(self) -> list[int] | None:
         """The CPUs the forward thread may run on, read from it (None: not kept anywhere)."""

@@ -97,6 +97,9 @@ def render(report: StatusReport, now: float | None = None) -> str:
     if report.engine_cpus:
         cpus = ", ".join(map(str, report.engine_cpus))
         lines.append(f"engine forward pass   on CPU {cpus}")
+    if report.loop_cpus:
+        cpus = ", ".join(map(str, report.loop_cpus))
+        lines.append(f"engine event loop     on CPU {cpus}")
     if report.max_engine_replicas > 1:
         upto = report.max_engine_replicas
         most = f" of at most {upto}" if upto > report.engine_replicas else ""

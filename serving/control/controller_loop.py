@@ -110,6 +110,9 @@ class StatusReport(Frozen):
     # The CPUs the engine's forward thread is kept on, read from it (serving/engine/cpu_bind.py);
     # None: not kept anywhere.
     engine_cpus: list[int] | None = None
+    # The CPUs the engine's event loop is kept on, read from it: the forward pass's one core, or
+    # None (serving/engine/cpu_bind.py loop_cores).
+    loop_cpus: list[int] | None = None
     batch_strategy: str | None = None
     fallback_level: int = 0
     last_decision: ActionRecord | None = None  # hold included

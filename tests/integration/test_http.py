@@ -76,7 +76,10 @@ def ref(demo_path):
 
 def test_status_reports_the_cpus_the_forward_thread_is_kept_on(server):
     # Read from the forward thread itself: the binding took (serving/engine/cpu_bind.py).
-    assert moe_status(server, KEY)["engine_cpus"] == list(FORWARD_CPUS)
+    status = moe_status(server, KEY)
+    assert status["engine_cpus"] == list(FORWARD_CPUS)
+    # One core: the event loop (the scheduler's work between forward passes) is kept there too.
+    assert status["loop_cpus"] == list(FORWARD_CPUS)
 
 
 def test_models_lists_the_served_model(client):

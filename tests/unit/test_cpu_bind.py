@@ -54,6 +54,14 @@ def test_no_bind_cpus_flag_and_yaml_field_turn_it_off():
     assert resolve_config(build_parser().parse_args(["up", "--no-bind-cpus"])).bind_cpus is False
 
 
+def test_the_event_loop_joins_a_forward_pass_on_one_core_only():
+    # One core: the loop's work between forward passes waits for nothing else there. Several:
+    # torch's threads run the forward pass there, and the loop would interrupt them.
+    assert cpu_bind.loop_cores((1,)) == (1,)
+    assert cpu_bind.loop_cores((0, 1)) == ()
+    assert cpu_bind.loop_cores(()) == ()
+
+
 def test_a_bound_thread_runs_on_its_cores_and_others_do_not_follow():
     core = cpu_bind.allowed_cores()[-1]
     before = cpu_bind.allowed_cores()

@@ -26,6 +26,7 @@ REPORT = StatusReport(
     batch_strategy="adaptive",
     fallback_level=1,
     engine_cpus=[0],
+    loop_cpus=[0],
     last_decision=ActionRecord(time=1000.0, action="hold", reason="cooldown"),
     actions=[
         ActionRecord(time=900.0, action="rebalance", reason="load CV 0.210 > 0.15"),
@@ -68,6 +69,7 @@ def test_prints_the_live_view(server, capsys):
     assert "8.5 (85% of target)" in out and "10 (phase 1)" in out and "30" in out
     assert "0.210" in out and "1.40" in out
     assert "engine forward pass   on CPU 0" in out
+    assert "engine event loop     on CPU 0" in out
     assert out.index("batch_fallback") < out.index("rebalance")  # newest first
     assert seen[0]["Authorization"] == "Bearer k"
 
