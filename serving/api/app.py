@@ -108,9 +108,11 @@ class Engine:
             self._monitor_task = asyncio.get_running_loop().create_task(self.monitor.run())
 
     def _bind_loop(self) -> None:
-        """Keep this (the event loop's) thread on `_loop_cpus`, once: called on the loop."""
-        if self._loop_cpus and not self._loop_bound:
+        """Keep this (the event loop's) thread on `_loop_cpus`: tried once (a failure is logged
+        once, not on every request), on the loop."""
+        if self._loop_cpus:
             self._loop_bound = cpu_bind.bind_this_thread(self._loop_cpus)
+            self._loop_cpus = ()
 
     async def submit(self, job: Job, stream: str, request: str) -> Admission:
         """Admit a request (or refuse it: the queue is full); its events go to `stream`."""
