@@ -169,7 +169,8 @@ class Engine:
         }
 
     def _loop_cpus_now(self) -> list[int] | None:
-        """The CPUs the event loop's thread is kept on, read from it (None: not kept anywhere)."""
+        """The CPUs the event loop's thread is kept on, read from it (None: not kept anywhere);
+        a status asked before any request binds the loop first, as that request would have."""
         self._bind_loop()
         return list(cpu_bind.allowed_cores()) if self._loop_bound else None
 

@@ -94,12 +94,10 @@ def render(report: StatusReport, now: float | None = None) -> str:
         lines.append(f"shard nodes           {nodes} ({len(set(report.shard_nodes))} nodes)")
     if report.expert_transport:
         lines.append(f"expert transport      {report.expert_transport}")
-    if report.engine_cpus:
-        cpus = ", ".join(map(str, report.engine_cpus))
-        lines.append(f"engine forward pass   on CPU {cpus}")
-    if report.loop_cpus:
-        cpus = ", ".join(map(str, report.loop_cpus))
-        lines.append(f"engine event loop     on CPU {cpus}")
+    for label, cpus in (("engine forward pass", report.engine_cpus),
+                        ("engine event loop", report.loop_cpus)):  # fmt: skip
+        if cpus:
+            lines.append(f"{label:<22}on CPU {', '.join(map(str, cpus))}")
     if report.max_engine_replicas > 1:
         upto = report.max_engine_replicas
         most = f" of at most {upto}" if upto > report.engine_replicas else ""

@@ -313,7 +313,8 @@ def _announce(config: ServeConfig) -> None:
         lines.insert(1, f"  experts on {config.expert_shards} ExpertShards, transport: {transport}")
     if config.engine_cpus:
         cpus = ", ".join(map(str, config.engine_cpus))
-        what = "forward pass and event loop" if len(config.engine_cpus) == 1 else "forward pass"
+        loop = cpu_bind.loop_cores(config.engine_cpus)  # where the Engine binds its loop too
+        what = "forward pass and event loop" if loop else "forward pass"
         lines.insert(1, f"  the engine's {what} on CPU {cpus} (engine_cpus)")
     if config.engines_at_most > config.engine_replicas:
         more = f"{config.engine_replicas} engine replicas, up to {config.engines_at_most}"
